@@ -1,0 +1,717 @@
+"""Bottles: where agents run. Workspaces, the bwrap sandbox, pushing, secret scanning, backends.
+
+Trust boundary. The agent controls everything in its workspace, ``.git`` included: hooks,
+``core.fsmonitor``, ``url.*.insteadOf``, ``http.proxy``... Running git on the host in that
+directory with the token in reach would hand the token to the agent. So the host never does:
+
+* each bottle has a **mirror** (``mirror.git``) only forgebottle writes; it talks to the forge,
+  with the token given to that one git process through ``GIT_CONFIG_*`` environment variables;
+* the workspace is filled from the mirror before the agent first runs;
+* to push, ``git bundle`` runs *inside the sandbox* (no network, no token) and writes a bundle
+  file; the mirror fetches that file (a pack, verified with fsck), scans the change for secrets,
+  and pushes the commit to ``bot-bottle/issue-<N>``.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+from gitea import Secret, basic_auth_header, branch_for
+from statemachine import ForgeBottleError
+
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the NUL
+GIT_TIMEOUT = 300.0
+MAX_SCAN_FILES = 2000
+MAX_SCAN_BYTES = 2 * 1024 * 1024
+
+# Inside the sandbox.
+IN_WORKSPACE = "/workspace"
+IN_FORGE_DIR = "/run/forge"
+IN_TOOLS = "/opt/forgebottle/bin"
+IN_HOME = "/home/agent"
+IN_OUTBOX = "/run/outbox"
+
+# What of the host a bottle sees, read-only. Never "/": that would show the token file and
+# the state dir. /etc only by entry, so that a secret kept under /etc stays out.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+ETC_ENTRIES = (
+    "alternatives",
+    "ca-certificates",
+    "ssl",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "passwd",
+    "group",
+    "nsswitch.conf",
+    "hosts",
+    "host.conf",
+    "resolv.conf",
+    "gitconfig",
+    "mime.types",
+    "protocols",
+    "services",
+    "os-release",
+)
+
+
+class BottleError(ForgeBottleError):
+    """A bottle could not be prepared, started, pushed from or removed."""
+
+
+class SandboxUnavailable(BottleError):
+    pass
+
+
+class PushRefused(BottleError):
+    """The change holds a secret; nothing was pushed."""
+
+    rpc_code = -32005
+
+    def __init__(self, message: str, findings: Sequence[Finding]) -> None:
+        super().__init__(message)
+        self.findings = list(findings)
+
+
+class PushFailed(BottleError):
+    rpc_code = -32002
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentSpec:
+    """``[agents.<name>]`` of the config."""
+
+    name: str
+    command: tuple[str, ...]
+    resume_command: tuple[str, ...]
+    network: Literal["none", "host"] = "none"
+    env: tuple[tuple[str, Secret], ...] = ()
+    timeout: float | None = None
+    ro_binds: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class BottleSpec:
+    """``[bottles.<name>]``: how an agent is contained. ``local`` is built in."""
+
+    name: str = "local"
+    backend: Literal["local", "command"] = "local"
+    sandbox: Literal["bwrap", "none"] = "bwrap"
+    start: tuple[str, ...] = ()
+    resume: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()
+    destroy: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class BottlePaths:
+    state_dir: Path
+    slug: str
+
+    def __post_init__(self) -> None:
+        check_slug(self.slug)
+
+    @property
+    def root(self) -> Path:
+        return self.state_dir / "bottles" / self.slug
+
+    @property
+    def workspace(self) -> Path:
+        return self.root / "workspace"
+
+    @property
+    def home(self) -> Path:
+        return self.root / "home"
+
+    @property
+    def mirror(self) -> Path:
+        return self.root / "mirror.git"
+
+    @property
+    def outbox(self) -> Path:
+        return self.root / "outbox"
+
+    @property
+    def sidecar_dir(self) -> Path:
+        return self.state_dir / "sidecars" / self.slug
+
+    @property
+    def socket(self) -> Path:
+        return self.sidecar_dir / "forge.sock"
+
+    @property
+    def prompt(self) -> Path:
+        return self.sidecar_dir / "prompt.md"
+
+    @property
+    def tools(self) -> Path:
+        return self.state_dir / "tools"
+
+    def run_log(self, n: int) -> Path:
+        return self.root / f"run-{n}.log"
+
+
+def check_slug(slug: str) -> str:
+    if not SLUG_RE.fullmatch(slug) or ".." in slug:
+        raise BottleError(f"invalid slug {slug!r}")
+    return slug
+
+
+@dataclasses.dataclass(frozen=True)
+class BottleContext:
+    """Everything a backend needs to run one bottle. Holds the token: never give it to the agent."""
+
+    slug: str
+    owner: str
+    repo: str
+    issue: int
+    pr: int | None
+    agent: AgentSpec
+    bottle: BottleSpec
+    paths: BottlePaths
+    clone_url: str
+    default_branch: str
+    git_user: str
+    token: Secret
+    bwrap: str | None
+
+    @property
+    def branch(self) -> str:
+        return branch_for(self.issue)
+
+    @property
+    def sandboxed(self) -> bool:
+        return self.bottle.sandbox == "bwrap"
+
+    def forge_env(self, *, inside: bool) -> dict[str, str]:
+        return {
+            "FORGE_SIDECAR_SOCKET": f"{IN_FORGE_DIR}/forge.sock" if inside else str(self.paths.socket),
+            "FORGE_BOTTLE_SLUG": self.slug,
+            "FORGE_ISSUE_NUMBER": str(self.issue),
+            "FORGE_PR_NUMBER": str(self.pr or ""),
+            "FORGE_PROMPT_FILE": f"{IN_FORGE_DIR}/prompt.md" if inside else str(self.paths.prompt),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    file: str
+    line: int
+    type: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line} ({self.type})"
+
+
+@dataclasses.dataclass(frozen=True)
+class PushResult:
+    branch: str
+    sha: str
+    files_scanned: int
+    pushed: bool
+
+
+# -- the sandbox ------------------------------------------------------------------------
+
+
+def system_binds() -> list[tuple[str, str]]:
+    """(kind, path) for what the sandbox shows of the host: symlinks kept as symlinks."""
+    binds: list[tuple[str, str]] = []
+    for path in SYSTEM_DIRS:
+        if os.path.islink(path):
+            binds.append(("symlink", path))
+        elif os.path.isdir(path):
+            binds.append(("ro-bind", path))
+    for entry in ETC_ENTRIES:
+        path = f"/etc/{entry}"
+        if os.path.lexists(path):
+            binds.append(("ro-bind", path))
+    return binds
+
+
+def exposed(path: Path, extra: Sequence[str] = ()) -> str | None:
+    """The bound host path under which ``path`` would be visible in a bottle, if any."""
+    target = Path(os.path.realpath(path))
+    for kind, bound in system_binds():
+        if kind == "ro-bind" and (target == Path(bound) or Path(bound) in target.parents):
+            return bound
+    for bound in extra:
+        real = Path(os.path.realpath(bound))
+        if target == real or real in target.parents:
+            return bound
+    return None
+
+
+def bwrap_argv(
+    bwrap: str,
+    *,
+    network: Literal["none", "host"],
+    binds: Sequence[tuple[str, str, str]],
+    ro_binds: Sequence[str] = (),
+    chdir: str = IN_WORKSPACE,
+) -> list[str]:
+    """The bwrap command line: a tmpfs root, read-only system dirs, then ``binds``.
+
+    ``binds`` are (option, host path, sandbox path), e.g. ("--bind", workspace, "/workspace").
+    """
+    argv = [bwrap, "--unshare-all"]
+    if network == "host":
+        argv.append("--share-net")
+    argv += [
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+        "--tmpfs",
+        "/run",
+        "--dir",
+        "/etc",
+    ]
+    for kind, path in system_binds():
+        if kind == "symlink":
+            argv += ["--symlink", os.readlink(path), path]
+        else:
+            argv += ["--ro-bind", path, path]
+    for path in ro_binds:
+        argv += ["--ro-bind-try", path, path]
+    for option, host, inside in binds:
+        argv += [option, host, inside]
+    argv += ["--chdir", chdir]
+    return argv
+
+
+def find_bwrap() -> str | None:
+    return shutil.which("bwrap")
+
+
+# -- git, with the token only in the environment of the process that needs it --------------
+
+
+def git_env(auth: tuple[str, Secret] | None = None) -> dict[str, str]:
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": "/nonexistent",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": "/dev/null",
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_ASKPASS": "/bin/false",
+        "LC_ALL": "C",
+    }
+    if auth is not None:
+        user, token = auth
+        env.update(
+            {
+                "GIT_CONFIG_COUNT": "1",
+                "GIT_CONFIG_KEY_0": "http.extraHeader",
+                "GIT_CONFIG_VALUE_0": basic_auth_header(user, token.reveal()),
+            }
+        )
+    return env
+
+
+async def run_git(
+    args: Sequence[str],
+    *,
+    auth: tuple[str, Secret] | None = None,
+    check: bool = True,
+    timeout: float = GIT_TIMEOUT,
+    redact: Sequence[str] = (),
+) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "git",
+        "-c",
+        "core.hooksPath=/dev/null",
+        *args,
+        env=git_env(auth),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise BottleError(f"git {args[0] if args else ''} timed out after {timeout:.0f}s") from None
+    if check and proc.returncode != 0:
+        message = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        text = message[0]
+        for secret in redact:
+            text = text.replace(secret, "***")
+        raise BottleError(f"git {args[0] if args else ''} failed: {text}")
+    return out.decode(errors="replace").strip()
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+class RunHandle:
+    """A running agent: its own process group (session), so the whole tree can be signalled."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def wait(self) -> int:
+        return await self.proc.wait()
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    async def stop(self, grace: float = 5.0) -> int:
+        """SIGTERM the tree, then SIGKILL after ``grace`` seconds."""
+        if self.proc.returncode is not None:
+            return self.proc.returncode
+        self.signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.proc.wait(), grace)
+        except TimeoutError:
+            self.signal(signal.SIGKILL)
+            return await self.proc.wait()
+
+
+async def spawn(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path | None, log: Path) -> RunHandle:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            env=dict(env),
+            cwd=str(cwd) if cwd else None,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return RunHandle(proc)
+
+
+def fill(template: Sequence[str], values: Mapping[str, str]) -> list[str]:
+    """Substitute ``{name}`` placeholders; each element stays one argv element, never a shell."""
+    out = []
+    for element in template:
+        for key, value in values.items():
+            element = element.replace("{" + key + "}", value)
+        out.append(element)
+    return out
+
+
+# -- backends -------------------------------------------------------------------------------
+
+
+class Backend(abc.ABC):
+    name: str
+
+    async def prepare(self, ctx: BottleContext) -> None:
+        """Create the mirror and the workspace on first launch; no-op when they exist."""
+        paths = ctx.paths
+        for directory in (paths.root, paths.home, paths.sidecar_dir):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(directory, 0o700)
+        auth = (ctx.git_user, ctx.token)
+        redact = [ctx.token.reveal()]
+        if not (paths.mirror / "HEAD").exists():
+            await run_git(["init", "-q", "--bare", str(paths.mirror)])
+            for key, value in (
+                ("remote.origin.url", ctx.clone_url),
+                ("remote.origin.fetch", "+refs/heads/*:refs/remotes/origin/*"),
+                ("fetch.fsckObjects", "true"),
+                ("transfer.fsckObjects", "true"),
+            ):
+                await run_git(["-C", str(paths.mirror), "config", key, value])
+        await run_git(["-C", str(paths.mirror), "fetch", "-q", "--prune", "origin"], auth=auth, redact=redact)
+        if (paths.workspace / ".git").exists():
+            return
+        ws = str(paths.workspace)
+        await run_git(["init", "-q", f"--initial-branch={ctx.branch}", ws])
+        await run_git(
+            ["-C", ws, "fetch", "-q", "--no-tags", str(paths.mirror), "+refs/remotes/origin/*:refs/remotes/origin/*"]
+        )
+        remote_branch = await run_git(
+            ["-C", ws, "rev-parse", "--verify", "-q", f"refs/remotes/origin/{ctx.branch}"], check=False
+        )
+        start = f"origin/{ctx.branch}" if remote_branch else f"origin/{ctx.default_branch}"
+        await run_git(["-C", ws, "reset", "-q", "--hard", start])
+        for key, value in (
+            ("remote.origin.url", ctx.clone_url),
+            ("remote.origin.fetch", "+refs/heads/*:refs/remotes/origin/*"),
+            ("user.name", ctx.git_user),
+            ("user.email", f"{ctx.git_user}@users.noreply.forgebottle"),
+        ):
+            await run_git(["-C", ws, "config", key, value])
+
+    @abc.abstractmethod
+    async def start(self, ctx: BottleContext, *, prompt: str, run: int, resume: bool) -> RunHandle: ...
+
+    async def stop(self, ctx: BottleContext, handle: RunHandle, grace: float) -> int:
+        return await handle.stop(grace)
+
+    async def destroy(self, ctx: BottleContext) -> None:
+        shutil.rmtree(ctx.paths.workspace, ignore_errors=True)
+        shutil.rmtree(ctx.paths.mirror, ignore_errors=True)
+        shutil.rmtree(ctx.paths.outbox, ignore_errors=True)
+        shutil.rmtree(ctx.paths.sidecar_dir, ignore_errors=True)
+
+    # -- push -------------------------------------------------------------------------
+
+    async def bundle(self, ctx: BottleContext) -> tuple[str, Path | None]:
+        """Run ``git bundle`` in the sandbox; return the HEAD sha and the bundle (None if nothing new)."""
+        outbox = ctx.paths.outbox
+        shutil.rmtree(outbox, ignore_errors=True)
+        outbox.mkdir(parents=True, mode=0o700)
+        script = (
+            "git rev-parse --verify HEAD > /run/outbox/head || exit 3; "
+            "git bundle create -q /run/outbox/push.bundle HEAD --not --remotes=origin 2>/run/outbox/err || true"
+        )
+        if ctx.sandboxed:
+            if ctx.bwrap is None:
+                raise SandboxUnavailable("bwrap is not installed")
+            argv = [
+                *bwrap_argv(
+                    ctx.bwrap,
+                    network="none",
+                    binds=[
+                        ("--bind", str(ctx.paths.workspace), IN_WORKSPACE),
+                        ("--bind", str(outbox), IN_OUTBOX),
+                    ],
+                ),
+                "/bin/sh",
+                "-c",
+                script,
+            ]
+            cwd = None
+        else:
+            argv = ["/bin/sh", "-c", script.replace("/run/outbox", str(outbox))]
+            cwd = ctx.paths.workspace
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            env={**git_env(), "GIT_DIR": ".git"} if not ctx.sandboxed else git_env(),
+            cwd=str(cwd) if cwd else None,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await asyncio.wait_for(proc.communicate(), GIT_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            raise PushFailed("making the bundle timed out") from None
+        head_file = outbox / "head"
+        sha = head_file.read_text().strip() if head_file.exists() else ""
+        if proc.returncode != 0 or not re.fullmatch(r"[0-9a-f]{40}", sha):
+            raise PushFailed("the workspace has no commit to push")
+        bundle = outbox / "push.bundle"
+        return sha, bundle if bundle.exists() and bundle.stat().st_size > 0 else None
+
+    async def push(self, ctx: BottleContext, *, forbidden: Sequence[str]) -> PushResult:
+        mirror = str(ctx.paths.mirror)
+        auth = (ctx.git_user, ctx.token)
+        redact = [ctx.token.reveal()]
+        await run_git(["-C", mirror, "fetch", "-q", "--prune", "origin"], auth=auth, redact=redact)
+        sha, bundle = await self.bundle(ctx)
+        if not await _git_ok(["-C", mirror, "cat-file", "-e", f"{sha}^{{commit}}"]):
+            if bundle is None:
+                raise PushFailed("the bundle from the workspace is empty")
+            await run_git(
+                ["-C", mirror, "fetch", "-q", "--no-tags", str(bundle), f"+HEAD:refs/forgebottle/{ctx.branch}"]
+            )
+            fetched = await run_git(["-C", mirror, "rev-parse", f"refs/forgebottle/{ctx.branch}"])
+            if fetched != sha:
+                raise PushFailed("the bundle does not hold the workspace HEAD")
+        base = await run_git(
+            ["-C", mirror, "rev-parse", "--verify", "-q", f"refs/remotes/origin/{ctx.default_branch}"], check=False
+        )
+        findings, scanned = await asyncio.to_thread(scan_change, ctx.paths.mirror, base, sha, list(forbidden))
+        if findings:
+            where = ", ".join(str(f) for f in findings[:5])
+            raise PushRefused(f"secret found in {where}; nothing was pushed", findings)
+        remote = await run_git(
+            ["-C", mirror, "rev-parse", "--verify", "-q", f"refs/remotes/origin/{ctx.branch}"], check=False
+        )
+        if remote == sha:
+            return PushResult(ctx.branch, sha, scanned, pushed=False)
+        lease = f"--force-with-lease=refs/heads/{ctx.branch}:{remote}"
+        await run_git(
+            ["-C", mirror, "push", "-q", lease, "origin", f"{sha}:refs/heads/{ctx.branch}"], auth=auth, redact=redact
+        )
+        return PushResult(ctx.branch, sha, scanned, pushed=True)
+
+
+async def _git_ok(args: Sequence[str]) -> bool:
+    proc = await asyncio.create_subprocess_exec(
+        "git", *args, env=git_env(), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    return await proc.wait() == 0
+
+
+def scan_change(mirror: Path, base: str, sha: str, forbidden: Sequence[str]) -> tuple[list[Finding], int]:
+    """Scan the files the change adds or modifies (base...sha) and its commit messages.
+
+    detect-secrets finds the usual suspects; any of ``forbidden`` (the forge token, the webhook
+    secret) anywhere in an added file or a message is always a finding.
+    """
+    from detect_secrets.core.secrets_collection import SecretsCollection
+    from detect_secrets.settings import default_settings
+
+    def git(*args: str) -> bytes:
+        return subprocess.run(
+            ["git", "-C", str(mirror), *args], env=git_env(), capture_output=True, check=True, timeout=GIT_TIMEOUT
+        ).stdout
+
+    spec = f"{base}...{sha}" if base else sha
+    names = (
+        [
+            n
+            for n in git("diff", "--name-only", "-z", "--diff-filter=AMCR", "--no-renames", spec)
+            .decode(errors="replace")
+            .split("\0")
+            if n
+        ]
+        if base
+        else [n for n in git("ls-tree", "-r", "-z", "--name-only", sha).decode(errors="replace").split("\0") if n]
+    )
+    findings: list[Finding] = []
+    messages = git("log", "--format=%B", f"{base}..{sha}" if base else sha).decode(errors="replace")
+    for secret in forbidden:
+        if secret and secret in messages:
+            findings.append(Finding("(commit message)", 0, "forge credential"))
+    with tempfile.TemporaryDirectory(prefix="forgebottle-scan-") as tmp, default_settings():
+        collection = SecretsCollection(root=tmp)
+        for index, name in enumerate(names[:MAX_SCAN_FILES]):
+            blob = git("cat-file", "blob", f"{sha}:{name}")[:MAX_SCAN_BYTES]
+            text = blob.decode(errors="replace")
+            for secret in forbidden:
+                if secret and secret in text:
+                    line = text[: text.index(secret)].count("\n") + 1
+                    findings.append(Finding(name, line, "forge credential"))
+            local = Path(tmp) / str(index)
+            local.write_bytes(blob)
+            collection.scan_file(str(local))
+            for found in collection.data.get(str(local), set()):
+                findings.append(Finding(name, int(found.line_number), str(found.type)))
+    findings.sort(key=lambda f: (f.file, f.line, f.type))
+    return findings, min(len(names), MAX_SCAN_FILES)
+
+
+class LocalBackend(Backend):
+    """The agent under bwrap on this host (or unsandboxed with ``sandbox = "none"``)."""
+
+    name = "local"
+
+    def agent_argv(self, ctx: BottleContext, *, prompt: str, resume: bool) -> list[str]:
+        template = ctx.agent.resume_command if resume else ctx.agent.command
+        prompt_file = f"{IN_FORGE_DIR}/prompt.md" if ctx.sandboxed else str(ctx.paths.prompt)
+        return fill(template, {"prompt": prompt, "prompt_file": prompt_file, "slug": ctx.slug})
+
+    def agent_env(self, ctx: BottleContext) -> dict[str, str]:
+        inside = ctx.sandboxed
+        env = {
+            "PATH": f"{IN_TOOLS if inside else ctx.paths.tools}:/usr/local/bin:/usr/bin:/bin",
+            "HOME": IN_HOME if inside else str(ctx.paths.home),
+            "LANG": "C.UTF-8",
+            **ctx.forge_env(inside=inside),
+        }
+        env.update({key: value.reveal() for key, value in ctx.agent.env})
+        return env
+
+    async def start(self, ctx: BottleContext, *, prompt: str, run: int, resume: bool) -> RunHandle:
+        argv = self.agent_argv(ctx, prompt=prompt, resume=resume)
+        env = self.agent_env(ctx)
+        if not ctx.sandboxed:
+            return await spawn(argv, env=env, cwd=ctx.paths.workspace, log=ctx.paths.run_log(run))
+        if ctx.bwrap is None:
+            raise SandboxUnavailable('bwrap is not installed; install bubblewrap or set sandbox = "none"')
+        wrapper = bwrap_argv(
+            ctx.bwrap,
+            network=ctx.agent.network,
+            ro_binds=ctx.agent.ro_binds,
+            binds=[
+                ("--bind", str(ctx.paths.workspace), IN_WORKSPACE),
+                ("--bind", str(ctx.paths.home), IN_HOME),
+                # The directory, not the socket: the socket is re-created on every run.
+                ("--ro-bind", str(ctx.paths.sidecar_dir), IN_FORGE_DIR),
+                ("--ro-bind", str(ctx.paths.tools), IN_TOOLS),
+            ],
+        )
+        return await spawn([*wrapper, "--", *argv], env=env, cwd=None, log=ctx.paths.run_log(run))
+
+
+class CommandBackend(Backend):
+    """Any launcher (bot-bottle, a VM, a container runtime) driven by argv templates."""
+
+    name = "command"
+
+    def values(self, ctx: BottleContext) -> dict[str, str]:
+        return {
+            "slug": ctx.slug,
+            "agent": ctx.agent.name,
+            "bottle": ctx.bottle.name,
+            "prompt_file": str(ctx.paths.prompt),
+            "socket_dir": str(ctx.paths.sidecar_dir),
+            "workspace": str(ctx.paths.workspace),
+        }
+
+    def env(self, ctx: BottleContext) -> dict[str, str]:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": "C.UTF-8",
+            "FORGE_OWNER": ctx.owner,
+            "FORGE_REPO": ctx.repo,
+            "FORGE_AGENT": ctx.agent.name,
+            **ctx.forge_env(inside=False),
+        }
+        env.update({key: value.reveal() for key, value in ctx.agent.env})
+        return env
+
+    async def start(self, ctx: BottleContext, *, prompt: str, run: int, resume: bool) -> RunHandle:
+        template = (ctx.bottle.resume or ctx.bottle.start) if resume else ctx.bottle.start
+        if not template:
+            raise BottleError(f"bottle {ctx.bottle.name!r} has no start command")
+        return await spawn(
+            fill(template, self.values(ctx)), env=self.env(ctx), cwd=ctx.paths.root, log=ctx.paths.run_log(run)
+        )
+
+    async def _run(self, ctx: BottleContext, template: Sequence[str]) -> None:
+        if not template:
+            return
+        handle = await spawn(
+            fill(template, self.values(ctx)), env=self.env(ctx), cwd=ctx.paths.root, log=ctx.paths.root / "launcher.log"
+        )
+        try:
+            await asyncio.wait_for(handle.wait(), 60)
+        except TimeoutError:
+            await handle.stop(1)
+
+    async def stop(self, ctx: BottleContext, handle: RunHandle, grace: float) -> int:
+        await self._run(ctx, ctx.bottle.stop)
+        return await handle.stop(grace)
+
+    async def destroy(self, ctx: BottleContext) -> None:
+        await self._run(ctx, ctx.bottle.destroy)
+        await super().destroy(ctx)
+
+
+BACKENDS: dict[str, type[Backend]] = {"local": LocalBackend, "command": CommandBackend}

@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""forge: the agent's only way to the forge. Standard library only; copied into each bottle.
+
+Talks JSON-RPC 2.0 to the bottle's sidecar over the Unix socket in $FORGE_SIDECAR_SOCKET.
+Prints the result as JSON on stdout; on error prints one line on stderr and exits 1.
+
+  forge whoami
+  forge read-issue N          forge read-pr N          forge comments N
+  forge comment N [TEXT|-]    forge describe N [TEXT|-]
+  forge push
+  forge open-pr --title T [--body TEXT|-] [--base BRANCH]
+  forge done success|failure|blocked SUMMARY
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import itertools
+import json
+import os
+import socket
+import sys
+from typing import Any
+
+DEFAULT_SOCKET = "/run/forge/forge.sock"
+_ids = itertools.count(1)
+
+
+class SidecarError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("forge", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.path)
+        self.sock = sock
+
+
+def call(
+    method: str, params: dict[str, Any] | None = None, *, socket_path: str | None = None, timeout: float = 600.0
+) -> Any:
+    """One JSON-RPC call; returns ``result`` or raises SidecarError."""
+    path = socket_path or os.environ.get("FORGE_SIDECAR_SOCKET", DEFAULT_SOCKET)
+    request = {"jsonrpc": "2.0", "id": next(_ids), "method": method, "params": params or {}}
+    connection = UnixHTTPConnection(path, timeout)
+    try:
+        connection.request(
+            "POST", "/rpc", body=json.dumps(request).encode(), headers={"Content-Type": "application/json"}
+        )
+        response = connection.getresponse()
+        raw = response.read()
+    except OSError as exc:
+        raise SidecarError(-1, f"cannot reach the sidecar at {path}: {exc}") from None
+    finally:
+        connection.close()
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        raise SidecarError(-1, f"the sidecar answered HTTP {response.status} without JSON") from None
+    if "error" in answer:
+        error = answer["error"]
+        raise SidecarError(int(error.get("code", -1)), str(error.get("message", "error")))
+    return answer.get("result")
+
+
+def _text(value: str | None) -> str:
+    if value is None or value == "-":
+        return sys.stdin.read()
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forge", description="Reach the forge from inside a bottle.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("whoami", help="this bottle, its issue, PR and write scope")
+    for name, helptext in (
+        ("read-issue", "read an issue"),
+        ("read-pr", "read a pull request"),
+        ("comments", "read the comments on an issue or PR"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("number", type=int)
+    for name, helptext in (("comment", "comment on your issue or PR"), ("describe", "replace a description")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("number", type=int)
+        p.add_argument("text", nargs="?", default=None, help="the text, or - (default) for stdin")
+    sub.add_parser("push", help="push your committed HEAD to your branch")
+    p = sub.add_parser("open-pr", help="open (or find) the pull request from your branch")
+    p.add_argument("--title", required=True)
+    p.add_argument("--body", default="", help="the text, or - for stdin")
+    p.add_argument("--base", default=None)
+    p = sub.add_parser("done", help="say you are finished")
+    p.add_argument("status", choices=["success", "failure", "blocked"])
+    p.add_argument("summary")
+    return parser
+
+
+def run(argv: list[str]) -> Any:
+    args = build_parser().parse_args(argv)
+    command = args.command
+    if command == "whoami":
+        return call("whoami")
+    if command == "read-issue":
+        return call("read_issue", {"number": args.number})
+    if command == "read-pr":
+        return call("read_pr", {"number": args.number})
+    if command == "comments":
+        return call("read_comments", {"number": args.number})
+    if command == "comment":
+        return call("post_comment", {"number": args.number, "body": _text(args.text)})
+    if command == "describe":
+        return call("update_description", {"number": args.number, "body": _text(args.text)})
+    if command == "push":
+        return call("push")
+    if command == "open-pr":
+        params: dict[str, Any] = {"title": args.title, "body": _text(args.body) if args.body == "-" else args.body}
+        if args.base:
+            params["base"] = args.base
+        return call("open_pr", params)
+    return call("signal_done", {"status": args.status, "summary": args.summary})
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        result = run(sys.argv[1:] if argv is None else argv)
+    except SidecarError as exc:
+        print(f"forge: {exc} (code {exc.code})", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

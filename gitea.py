@@ -1,0 +1,530 @@
+"""The forge as forgebottle sees it: a small ABC, a scope-enforcing wrapper, and Gitea.
+
+Errors raised here::
+
+    ForgeBottleError (statemachine)
+    ├── ForgeError               any failed forge call; carries Gitea's ``message``; rpc -32002
+    │   ├── ForgeNotFound        404
+    │   ├── ForgeAuthError       401/403: the token is wrong or lacks a scope
+    │   ├── ForgeConflict        409
+    │   ├── ForgeUnavailable     network error, timeout, or 5xx
+    │   └── OrgNotVisible        303 on a membership check: the token cannot see the org
+    └── OutOfScope (also PermissionError)   a write outside the bottle's issue/branch/PRs; rpc -32001
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import dataclasses
+import hmac
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+import httpx
+
+from statemachine import ForgeBottleError
+
+# Bodies we accept from agents and send to the forge (DESIGN.md §7).
+MAX_TEXT_BYTES = 64 * 1024
+# Gitea clamps page sizes to MAX_RESPONSE_ITEMS (50 by default).
+PAGE_LIMIT = 50
+MAX_PAGES = 200
+
+
+class Secret:
+    """A string that does not print itself (after starlette's ``Secret``)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}('**********')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def matches(self, candidate: str) -> bool:
+        """Constant-time comparison."""
+        return hmac.compare_digest(self._value.encode(), candidate.encode())
+
+
+class ForgeError(ForgeBottleError):
+    http_status = 502
+    rpc_code = -32002
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class ForgeNotFound(ForgeError):
+    http_status = 404
+
+
+class ForgeAuthError(ForgeError):
+    pass
+
+
+class ForgeConflict(ForgeError):
+    pass
+
+
+class ForgeUnavailable(ForgeError):
+    http_status = 503
+
+
+class OrgNotVisible(ForgeError):
+    """Gitea answered 303: the token's user is neither in the org nor a site admin."""
+
+
+class OutOfScope(ForgeBottleError, PermissionError):
+    http_status = 403
+    rpc_code = -32001
+
+
+# -- the data we use -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class User:
+    login: str
+    id: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Repo:
+    owner: str
+    name: str
+    default_branch: str
+    clone_url: str
+    html_url: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Issue:
+    number: int
+    title: str
+    body: str
+    state: str
+    labels: tuple[str, ...]
+    assignees: tuple[str, ...]
+    html_url: str
+    user: str = ""
+    is_pull: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "title": self.title,
+            "body": self.body,
+            "state": self.state,
+            "labels": list(self.labels),
+            "assignees": list(self.assignees),
+            "html_url": self.html_url,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class PullRequest:
+    number: int
+    title: str
+    body: str
+    state: str
+    merged: bool
+    head: str
+    base: str
+    html_url: str
+    head_sha: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "title": self.title,
+            "body": self.body,
+            "state": self.state,
+            "merged": self.merged,
+            "head": self.head,
+            "base": self.base,
+            "html_url": self.html_url,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Comment:
+    id: int
+    user: str
+    body: str
+    created_at: str
+    html_url: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "user": self.user, "body": self.body, "created_at": self.created_at}
+
+
+class Forge(abc.ABC):
+    """Only the forge operations forgebottle calls. Every method may raise ForgeError."""
+
+    @abc.abstractmethod
+    async def current_user(self) -> User: ...
+
+    @abc.abstractmethod
+    async def org_exists(self, org: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def is_org_member(self, org: str, user: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def permission(self, owner: str, repo: str, user: str) -> str: ...
+
+    @abc.abstractmethod
+    async def get_repo(self, owner: str, repo: str) -> Repo: ...
+
+    @abc.abstractmethod
+    async def read_issue(self, owner: str, repo: str, number: int) -> Issue: ...
+
+    @abc.abstractmethod
+    async def read_pr(self, owner: str, repo: str, number: int) -> PullRequest: ...
+
+    @abc.abstractmethod
+    async def read_comments(self, owner: str, repo: str, number: int) -> list[Comment]: ...
+
+    @abc.abstractmethod
+    async def post_comment(self, owner: str, repo: str, number: int, body: str) -> Comment: ...
+
+    @abc.abstractmethod
+    async def update_description(self, owner: str, repo: str, number: int, body: str) -> None: ...
+
+    @abc.abstractmethod
+    async def create_pr(self, owner: str, repo: str, *, head: str, base: str, title: str, body: str) -> PullRequest: ...
+
+    @abc.abstractmethod
+    async def find_pr_by_head(self, owner: str, repo: str, head: str) -> PullRequest | None: ...
+
+    async def get_pr_for_issue(self, owner: str, repo: str, issue: int) -> PullRequest | None:
+        """The open PR forgebottle would have opened for ``issue`` (its branch), if any."""
+        return await self.find_pr_by_head(owner, repo, branch_for(issue))
+
+    async def is_pr_open(self, owner: str, repo: str, number: int) -> bool:
+        return (await self.read_pr(owner, repo, number)).state == "open"
+
+    async def aclose(self) -> None:
+        return None
+
+
+def branch_for(issue: int) -> str:
+    return f"bot-bottle/issue-{issue}"
+
+
+_CLOSING = re.compile(r"(?:^|[\s(\[])(close[sd]?|fix(?:e[sd])?|resolve[sd]?):?\s+#(\d+)", re.IGNORECASE)
+
+
+def closes(body: str, issue: int) -> bool:
+    """True if ``body`` carries a Gitea closing keyword for ``#issue``."""
+    return any(int(m.group(2)) == issue for m in _CLOSING.finditer(body))
+
+
+class ScopedForge:
+    """Read anywhere in the repo; write only to the bottle's issue, its PRs and its branch."""
+
+    def __init__(self, forge: Forge, *, owner: str, repo: str, issue: int, prs: Iterable[int] = ()) -> None:
+        self.forge = forge
+        self.owner = owner
+        self.repo = repo
+        self.issue = issue
+        self.prs: set[int] = set(prs)
+        self.branch = branch_for(issue)
+
+    @property
+    def writable(self) -> list[int]:
+        return sorted({self.issue, *self.prs})
+
+    def check_write(self, number: int, what: str) -> None:
+        if number not in self.writable:
+            raise OutOfScope(
+                f"{what} to #{number}: out of scope (writable: {', '.join(str(n) for n in self.writable)})"
+            )
+
+    async def read_issue(self, number: int) -> Issue:
+        return await self.forge.read_issue(self.owner, self.repo, number)
+
+    async def read_pr(self, number: int) -> PullRequest:
+        return await self.forge.read_pr(self.owner, self.repo, number)
+
+    async def read_comments(self, number: int) -> list[Comment]:
+        return await self.forge.read_comments(self.owner, self.repo, number)
+
+    async def post_comment(self, number: int, body: str) -> Comment:
+        self.check_write(number, "comment")
+        return await self.forge.post_comment(self.owner, self.repo, number, body)
+
+    async def update_description(self, number: int, body: str) -> None:
+        self.check_write(number, "description")
+        await self.forge.update_description(self.owner, self.repo, number, body)
+
+    async def open_pr(self, *, title: str, body: str, base: str, head: str | None = None) -> PullRequest:
+        if head is not None and head.split(":")[-1] != self.branch:
+            raise OutOfScope(f"pull request from {head}: out of scope (own branch: {self.branch})")
+        if not closes(body, self.issue):
+            body = f"{body.rstrip()}\n\nCloses #{self.issue}".lstrip()
+        try:
+            pr = await self.forge.create_pr(self.owner, self.repo, head=self.branch, base=base, title=title, body=body)
+        except ForgeConflict:
+            # Gitea answers 409 when an open PR already has this head and base.
+            existing = await self.forge.find_pr_by_head(self.owner, self.repo, self.branch)
+            if existing is None:
+                raise
+            pr = existing
+        self.prs.add(pr.number)
+        return pr
+
+
+# -- Gitea over httpx ------------------------------------------------------------------
+
+
+class Gitea(Forge):
+    """Gitea's REST API v1.
+
+    Usage::
+
+        forge = Gitea("https://git.example.com/api/v1", token)
+        issue = await forge.read_issue("acme", "widgets", 17)
+
+    ``transport`` is for tests: pass an ``httpx.MockTransport`` or ``ASGITransport``.
+    """
+
+    kind: ClassVar[str] = "gitea"
+
+    def __init__(
+        self,
+        api_url: str,
+        token: str,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.api_url = api_url.rstrip("/")
+        self._token = token
+        self._client = httpx.AsyncClient(
+            base_url=self.api_url + "/",
+            headers={"Authorization": f"token {token}", "Accept": "application/json"},
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    def __repr__(self) -> str:
+        return f"Gitea({self.api_url!r}, token=***)"
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, str | int] | None = None,
+        ok: tuple[int, ...] = (200,),
+    ) -> httpx.Response:
+        try:
+            response = await self._client.request(method, path.lstrip("/"), json=json, params=params)
+        except httpx.TimeoutException as exc:
+            raise ForgeUnavailable(f"{method} {path}: forge timed out") from exc
+        except httpx.HTTPError as exc:
+            raise ForgeUnavailable(f"{method} {path}: forge unreachable ({type(exc).__name__})") from exc
+        if response.status_code in ok:
+            return response
+        raise _error_for(method, path, response)
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await self._request(method, path, **kwargs)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise ForgeError(f"{method} {path}: forge sent invalid JSON", status=response.status_code) from exc
+
+    @staticmethod
+    def _repo_path(owner: str, repo: str) -> str:
+        return f"repos/{quote(owner, safe='')}/{quote(repo, safe='')}"
+
+    async def current_user(self) -> User:
+        data = await self._json("GET", "user")
+        return User(login=str(data.get("login") or ""), id=int(data.get("id") or 0))
+
+    async def org_exists(self, org: str) -> bool:
+        try:
+            await self._request("GET", f"orgs/{quote(org, safe='')}")
+        except ForgeNotFound:
+            return False
+        return True
+
+    async def is_org_member(self, org: str, user: str) -> bool:
+        path = f"orgs/{quote(org, safe='')}/members/{quote(user, safe='')}"
+        response = await self._request("GET", path, ok=(204, 404, 303))
+        if response.status_code == 303:
+            raise OrgNotVisible(
+                f"cannot check membership of {org!r}: the token's user is not a member of the org "
+                "(Gitea answered 303); use a token of an org member",
+                status=303,
+            )
+        return response.status_code == 204
+
+    async def permission(self, owner: str, repo: str, user: str) -> str:
+        path = f"{self._repo_path(owner, repo)}/collaborators/{quote(user, safe='')}/permission"
+        try:
+            data = await self._json("GET", path)
+        except ForgeNotFound:
+            return "none"
+        return str(data.get("permission") or "none")
+
+    async def get_repo(self, owner: str, repo: str) -> Repo:
+        data = await self._json("GET", self._repo_path(owner, repo))
+        return Repo(
+            owner=owner,
+            name=repo,
+            default_branch=str(data.get("default_branch") or "main"),
+            clone_url=str(data.get("clone_url") or ""),
+            html_url=str(data.get("html_url") or ""),
+        )
+
+    async def read_issue(self, owner: str, repo: str, number: int) -> Issue:
+        data = await self._json("GET", f"{self._repo_path(owner, repo)}/issues/{int(number)}")
+        return issue_from_json(data)
+
+    async def read_pr(self, owner: str, repo: str, number: int) -> PullRequest:
+        data = await self._json("GET", f"{self._repo_path(owner, repo)}/pulls/{int(number)}")
+        return pr_from_json(data)
+
+    async def read_comments(self, owner: str, repo: str, number: int) -> list[Comment]:
+        # Gitea returns every comment at once here: no page/limit (CONTRACT.md §3).
+        data = await self._json("GET", f"{self._repo_path(owner, repo)}/issues/{int(number)}/comments")
+        return [comment_from_json(c) for c in data or []]
+
+    async def post_comment(self, owner: str, repo: str, number: int, body: str) -> Comment:
+        data = await self._json(
+            "POST",
+            f"{self._repo_path(owner, repo)}/issues/{int(number)}/comments",
+            json={"body": body},
+            ok=(201,),
+        )
+        return comment_from_json(data)
+
+    async def update_description(self, owner: str, repo: str, number: int, body: str) -> None:
+        # PATCH on an issue answers 201, not 200 (CONTRACT.md §3); PRs are issues here too.
+        await self._request(
+            "PATCH", f"{self._repo_path(owner, repo)}/issues/{int(number)}", json={"body": body}, ok=(201,)
+        )
+
+    async def create_pr(self, owner: str, repo: str, *, head: str, base: str, title: str, body: str) -> PullRequest:
+        data = await self._json(
+            "POST",
+            f"{self._repo_path(owner, repo)}/pulls",
+            json={"head": head, "base": base, "title": title, "body": body},
+            ok=(201,),
+        )
+        return pr_from_json(data)
+
+    async def find_pr_by_head(self, owner: str, repo: str, head: str) -> PullRequest | None:
+        for page in range(1, MAX_PAGES + 1):
+            response = await self._request(
+                "GET",
+                f"{self._repo_path(owner, repo)}/pulls",
+                params={"state": "open", "page": page, "limit": PAGE_LIMIT},
+            )
+            items = response.json() or []
+            for item in items:
+                pr = pr_from_json(item)
+                if pr.head == head:
+                    return pr
+            if 'rel="next"' not in response.headers.get("link", "") or not items:
+                return None
+        return None
+
+
+def _error_for(method: str, path: str, response: httpx.Response) -> ForgeError:
+    message = ""
+    try:
+        body = response.json()
+        if isinstance(body, dict):
+            message = str(body.get("message") or "")
+    except ValueError:
+        message = response.text[:200]
+    status = response.status_code
+    text = f"{method} /{path.lstrip('/')}: {status} {message or response.reason_phrase}".strip()
+    cls: type[ForgeError]
+    if status == 404:
+        cls = ForgeNotFound
+    elif status in (401, 403):
+        cls = ForgeAuthError
+    elif status == 409:
+        cls = ForgeConflict
+    elif status >= 500:
+        cls = ForgeUnavailable
+    else:
+        cls = ForgeError
+    return cls(text, status=status)
+
+
+def _login(user: Any) -> str:
+    if isinstance(user, dict):
+        return str(user.get("login") or user.get("username") or "")
+    return ""
+
+
+def issue_from_json(data: Mapping[str, Any]) -> Issue:
+    return Issue(
+        number=int(data["number"]),
+        title=str(data.get("title") or ""),
+        body=str(data.get("body") or ""),
+        state=str(data.get("state") or "open"),
+        labels=tuple(str(label.get("name", "")) for label in data.get("labels") or []),
+        # Gitea sends null, not [], for an issue with no assignees.
+        assignees=tuple(_login(u) for u in data.get("assignees") or []),
+        html_url=str(data.get("html_url") or ""),
+        user=_login(data.get("user")),
+        is_pull=data.get("pull_request") is not None,
+    )
+
+
+def pr_from_json(data: Mapping[str, Any]) -> PullRequest:
+    head = data.get("head") or {}
+    base = data.get("base") or {}
+    return PullRequest(
+        number=int(data["number"]),
+        title=str(data.get("title") or ""),
+        body=str(data.get("body") or ""),
+        state=str(data.get("state") or "open"),
+        merged=bool(data.get("merged") or False),
+        head=str(head.get("ref") or ""),
+        base=str(base.get("ref") or ""),
+        html_url=str(data.get("html_url") or ""),
+        head_sha=str(head.get("sha") or ""),
+    )
+
+
+def comment_from_json(data: Mapping[str, Any]) -> Comment:
+    return Comment(
+        id=int(data["id"]),
+        user=_login(data.get("user")),
+        body=str(data.get("body") or ""),
+        created_at=str(data.get("created_at") or ""),
+        html_url=str(data.get("html_url") or ""),
+    )
+
+
+def basic_auth_header(user: str, token: str) -> str:
+    """The header git sends to Gitea's smart HTTP: basic auth with the token as password."""
+    raw = base64.b64encode(f"{user}:{token}".encode()).decode()
+    return f"Authorization: Basic {raw}"

@@ -1,0 +1,595 @@
+"""SQLite store: bottle state, webhook inbox, runs, the operation log, transitions, prompts.
+
+WAL with ``synchronous=FULL`` so a webhook is on disk before it is answered; the schema is
+versioned with ``PRAGMA user_version`` and migrated forward on open. Every write that must be
+atomic runs in one ``BEGIN IMMEDIATE`` transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from statemachine import BottleState, ForgeBottleError, TransitionRecord
+
+BUSY_TIMEOUT_MS = 10_000
+
+# MIGRATIONS[i] takes the schema from user_version i to i + 1. Append, never edit.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE forge_state (
+        owner TEXT NOT NULL,
+        repo TEXT NOT NULL,
+        issue_number INTEGER NOT NULL,
+        slug TEXT NOT NULL UNIQUE,
+        agent_name TEXT NOT NULL,
+        bottle_names TEXT NOT NULL DEFAULT '[]',
+        backend_name TEXT NOT NULL DEFAULT 'local',
+        agent_git_user TEXT NOT NULL DEFAULT '',
+        pr_number INTEGER,
+        status TEXT NOT NULL,
+        last_checkin_at TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        issue_url TEXT NOT NULL DEFAULT '',
+        pr_url TEXT NOT NULL DEFAULT '',
+        sandbox TEXT NOT NULL DEFAULT '',
+        chain_head TEXT NOT NULL DEFAULT '',
+        op_count INTEGER NOT NULL DEFAULT 0,
+        queued_seq INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (owner, repo, issue_number)
+    );
+    CREATE TABLE forge_state_archive (
+        slug TEXT PRIMARY KEY,
+        row TEXT NOT NULL,
+        archived_at TEXT NOT NULL
+    );
+    CREATE TABLE inbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        received_at TEXT NOT NULL,
+        delivery TEXT NOT NULL DEFAULT '',
+        event_type TEXT NOT NULL,
+        body BLOB NOT NULL,
+        body_sha256 TEXT NOT NULL UNIQUE,
+        status TEXT NOT NULL DEFAULT 'pending',
+        reason TEXT NOT NULL DEFAULT '',
+        slug TEXT NOT NULL DEFAULT '',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        processed_at TEXT
+    );
+    CREATE INDEX inbox_pending ON inbox (status, id);
+    CREATE TABLE runs (
+        slug TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        trigger TEXT NOT NULL,
+        prompt_sha256 TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        ended_at TEXT,
+        exit_code INTEGER,
+        signalled_status TEXT,
+        signalled_summary TEXT,
+        watchdog_fired INTEGER NOT NULL DEFAULT 0,
+        secret_findings INTEGER NOT NULL DEFAULT 0,
+        network TEXT NOT NULL DEFAULT 'none',
+        sandbox TEXT NOT NULL DEFAULT 'bwrap',
+        error TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (slug, n)
+    );
+    CREATE TABLE operations (
+        slug TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        run INTEGER NOT NULL,
+        at TEXT NOT NULL,
+        op TEXT NOT NULL,
+        target TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        duration_ms REAL NOT NULL DEFAULT 0,
+        hash TEXT NOT NULL,
+        PRIMARY KEY (slug, seq)
+    );
+    CREATE TABLE transitions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        slug TEXT NOT NULL,
+        at TEXT NOT NULL,
+        trigger TEXT NOT NULL,
+        source TEXT NOT NULL,
+        dest TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE INDEX transitions_slug ON transitions (slug, id);
+    CREATE TABLE pending_prompts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        slug TEXT NOT NULL,
+        at TEXT NOT NULL,
+        trigger TEXT NOT NULL,
+        source TEXT NOT NULL,
+        body TEXT NOT NULL
+    );
+    CREATE INDEX pending_slug ON pending_prompts (slug, id);
+    """,
+]
+
+
+class StoreError(ForgeBottleError):
+    pass
+
+
+@dataclasses.dataclass
+class ForgeState:
+    """One row of ``forge_state``: the live (or last) bottle of one issue."""
+
+    owner: str
+    repo: str
+    issue_number: int
+    slug: str
+    agent_name: str
+    status: BottleState
+    created_at: str
+    updated_at: str
+    bottle_names: tuple[str, ...] = ("local",)
+    backend_name: str = "local"
+    agent_git_user: str = ""
+    pr_number: int | None = None
+    last_checkin_at: str | None = None
+    issue_url: str = ""
+    pr_url: str = ""
+    sandbox: str = ""
+    chain_head: str = ""
+    op_count: int = 0
+    queued_seq: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["status"] = self.status.value
+        data["bottle_names"] = list(self.bottle_names)
+        return data
+
+
+_STATE_COLUMNS = [f.name for f in dataclasses.fields(ForgeState)]
+
+
+def _state_from_row(row: sqlite3.Row | dict[str, Any]) -> ForgeState:
+    data = {k: row[k] for k in _STATE_COLUMNS}
+    data["status"] = BottleState(data["status"])
+    data["bottle_names"] = tuple(json.loads(data["bottle_names"]))
+    return ForgeState(**data)
+
+
+def _state_to_row(state: ForgeState) -> dict[str, Any]:
+    data = {k: getattr(state, k) for k in _STATE_COLUMNS}
+    data["status"] = state.status.value
+    data["bottle_names"] = json.dumps(list(state.bottle_names))
+    return data
+
+
+@dataclasses.dataclass(frozen=True)
+class InboxEvent:
+    id: int
+    received_at: str
+    delivery: str
+    event_type: str
+    body: bytes
+    status: str
+    reason: str
+    slug: str
+    attempts: int
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "received_at": self.received_at,
+            "delivery": self.delivery,
+            "event_type": self.event_type,
+            "status": self.status,
+            "reason": self.reason,
+            "slug": self.slug,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Operation:
+    seq: int
+    run: int
+    at: str
+    op: str
+    target: str
+    outcome: str
+    detail: str
+    duration_ms: float
+    hash: str
+
+    def content(self) -> dict[str, Any]:
+        """What the hash covers: everything but the hash itself."""
+        data = dataclasses.asdict(self)
+        del data["hash"]
+        return data
+
+
+def canonical(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def genesis(slug: str) -> str:
+    # Seeding with the slug stops a chain being transplanted from one bottle to another.
+    return hashlib.sha256(f"forgebottle.provenance/v1:{slug}".encode()).hexdigest()
+
+
+def chain_hash(previous: str, op: Operation) -> str:
+    return hashlib.sha256((previous + canonical(op.content())).encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainCheck:
+    head: str
+    verified: bool
+    broken_seq: int | None = None
+    problem: str = ""
+
+
+def verify_chain(slug: str, ops: Sequence[Operation], *, head: str, count: int) -> ChainCheck:
+    """Recompute the chain. ``head``/``count`` are what forge_state recorded at the last append."""
+    previous = genesis(slug)
+    for index, op in enumerate(ops, start=1):
+        if op.seq != index:
+            return ChainCheck(previous, False, index, f"operation {index} is missing")
+        expected = chain_hash(previous, op)
+        if op.hash != expected:
+            return ChainCheck(previous, False, op.seq, f"operation {op.seq} was altered")
+        previous = expected
+    if len(ops) != count or (count and previous != head):
+        return ChainCheck(previous, False, len(ops) + 1, f"operations after {len(ops)} are missing (expected {count})")
+    return ChainCheck(previous, True)
+
+
+class Store:
+    """All persistent state. Thread-safe: one connection behind a lock."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            str(self.path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        self._migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @property
+    def version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        with self.transaction() as db:
+            current = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if current > len(MIGRATIONS):
+                raise StoreError(
+                    f"{self.path}: schema version {current} is newer than this forgebottle ({len(MIGRATIONS)})"
+                )
+            for version in range(current, len(MIGRATIONS)):
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version={version + 1}")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._db.execute(sql, args).fetchall())
+
+    # -- forge_state ---------------------------------------------------------------
+
+    def upsert(self, state: ForgeState, db: sqlite3.Connection | None = None) -> None:
+        row = _state_to_row(state)
+        sql = f"INSERT OR REPLACE INTO forge_state ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})"
+        if db is not None:
+            db.execute(sql, list(row.values()))
+            return
+        with self.transaction() as tx:
+            tx.execute(sql, list(row.values()))
+
+    def get(self, owner: str, repo: str, issue: int) -> ForgeState | None:
+        rows = self._query(
+            "SELECT * FROM forge_state WHERE owner = ? AND repo = ? AND issue_number = ?", (owner, repo, issue)
+        )
+        return _state_from_row(rows[0]) if rows else None
+
+    def by_slug(self, slug: str) -> ForgeState | None:
+        rows = self._query("SELECT * FROM forge_state WHERE slug = ?", (slug,))
+        if rows:
+            return _state_from_row(rows[0])
+        archived = self._query("SELECT row FROM forge_state_archive WHERE slug = ?", (slug,))
+        return _state_from_row(json.loads(archived[0]["row"])) if archived else None
+
+    def delete(self, owner: str, repo: str, issue: int) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "DELETE FROM forge_state WHERE owner = ? AND repo = ? AND issue_number = ?", (owner, repo, issue)
+            )
+
+    def all(self) -> list[ForgeState]:
+        rows = self._query("SELECT * FROM forge_state ORDER BY owner, repo, issue_number")
+        return [_state_from_row(r) for r in rows]
+
+    def with_status(self, *states: BottleState) -> list[ForgeState]:
+        marks = ", ".join("?" for _ in states)
+        rows = self._query(
+            f"SELECT * FROM forge_state WHERE status IN ({marks}) ORDER BY queued_seq, slug", [s.value for s in states]
+        )
+        return [_state_from_row(r) for r in rows]
+
+    def count_by_status(self) -> dict[str, int]:
+        rows = self._query("SELECT status, COUNT(*) AS n FROM forge_state GROUP BY status")
+        return {r["status"]: int(r["n"]) for r in rows}
+
+    def slug_taken(self, slug: str, db: sqlite3.Connection) -> bool:
+        return bool(
+            db.execute(
+                "SELECT 1 FROM forge_state WHERE slug = ? UNION SELECT 1 FROM forge_state_archive WHERE slug = ?",
+                (slug, slug),
+            ).fetchone()
+        )
+
+    def archive(self, state: ForgeState, at: str, db: sqlite3.Connection) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO forge_state_archive (slug, row, archived_at) VALUES (?, ?, ?)",
+            (state.slug, json.dumps(_state_to_row(state)), at),
+        )
+
+    def next_queue_seq(self, db: sqlite3.Connection) -> int:
+        return int(db.execute("SELECT COALESCE(MAX(queued_seq), 0) + 1 FROM forge_state").fetchone()[0])
+
+    def apply(self, state: ForgeState, record: TransitionRecord, db: sqlite3.Connection | None = None) -> None:
+        """Persist a transition the machine made: new status and its record, atomically."""
+        state.status = BottleState(record.dest)
+        state.updated_at = record.at
+
+        def write(tx: sqlite3.Connection) -> None:
+            tx.execute(
+                "UPDATE forge_state SET status = ?, updated_at = ?, queued_seq = ? WHERE slug = ?",
+                (state.status.value, state.updated_at, state.queued_seq, state.slug),
+            )
+            tx.execute(
+                "INSERT INTO transitions (slug, at, trigger, source, dest, reason) VALUES (?, ?, ?, ?, ?, ?)",
+                (state.slug, record.at, record.trigger, record.source, record.dest, record.reason),
+            )
+
+        if db is not None:
+            write(db)
+        else:
+            with self.transaction() as tx:
+                write(tx)
+
+    def set_fields(self, slug: str, db: sqlite3.Connection | None = None, **fields: Any) -> None:
+        assert fields and all(k in _STATE_COLUMNS for k in fields)
+        sql = f"UPDATE forge_state SET {', '.join(f'{k} = ?' for k in fields)} WHERE slug = ?"
+        if db is not None:
+            db.execute(sql, [*fields.values(), slug])
+            return
+        with self.transaction() as tx:
+            tx.execute(sql, [*fields.values(), slug])
+
+    def transitions(self, slug: str) -> list[dict[str, Any]]:
+        rows = self._query(
+            "SELECT at, trigger, source, dest, reason FROM transitions WHERE slug = ? ORDER BY id", (slug,)
+        )
+        return [dict(r) for r in rows]
+
+    # -- inbox -----------------------------------------------------------------------
+
+    def add_event(self, *, received_at: str, delivery: str, event_type: str, body: bytes) -> tuple[int, bool]:
+        """Store a webhook durably. Returns (id, is_new); a byte-identical body is not new."""
+        digest = hashlib.sha256(body).hexdigest()
+        with self.transaction() as db:
+            existing = db.execute("SELECT id FROM inbox WHERE body_sha256 = ?", (digest,)).fetchone()
+            if existing is not None:
+                return int(existing["id"]), False
+            cursor = db.execute(
+                "INSERT INTO inbox (received_at, delivery, event_type, body, body_sha256) VALUES (?, ?, ?, ?, ?)",
+                (received_at, delivery, event_type, body, digest),
+            )
+            assert cursor.lastrowid is not None
+            return int(cursor.lastrowid), True
+
+    def pending_events(self, limit: int = 100) -> list[InboxEvent]:
+        rows = self._query("SELECT * FROM inbox WHERE status = 'pending' ORDER BY id LIMIT ?", (limit,))
+        return [self._event(r) for r in rows]
+
+    def event(self, event_id: int) -> InboxEvent | None:
+        rows = self._query("SELECT * FROM inbox WHERE id = ?", (event_id,))
+        return self._event(rows[0]) if rows else None
+
+    @staticmethod
+    def _event(row: sqlite3.Row) -> InboxEvent:
+        return InboxEvent(
+            int(row["id"]),
+            row["received_at"],
+            row["delivery"],
+            row["event_type"],
+            bytes(row["body"]),
+            row["status"],
+            row["reason"],
+            row["slug"],
+            int(row["attempts"]),
+        )
+
+    def finish_event(
+        self, event_id: int, *, status: str, reason: str, slug: str, at: str, db: sqlite3.Connection | None = None
+    ) -> None:
+        sql = "UPDATE inbox SET status = ?, reason = ?, slug = ?, processed_at = ? WHERE id = ?"
+        if db is not None:
+            db.execute(sql, (status, reason, slug, at, event_id))
+            return
+        with self.transaction() as tx:
+            tx.execute(sql, (status, reason, slug, at, event_id))
+
+    def bump_attempts(self, event_id: int, reason: str) -> int:
+        with self.transaction() as db:
+            db.execute("UPDATE inbox SET attempts = attempts + 1, reason = ? WHERE id = ?", (reason, event_id))
+            return int(db.execute("SELECT attempts FROM inbox WHERE id = ?", (event_id,)).fetchone()[0])
+
+    def events(self, limit: int = 100, before: int | None = None) -> list[dict[str, Any]]:
+        rows = self._query("SELECT * FROM inbox WHERE id < ? ORDER BY id DESC LIMIT ?", (before or 2**62, limit))
+        return [self._event(r).summary() for r in rows]
+
+    def count_events(self) -> dict[str, int]:
+        rows = self._query("SELECT status, COUNT(*) AS n FROM inbox GROUP BY status")
+        return {r["status"]: int(r["n"]) for r in rows}
+
+    # -- runs --------------------------------------------------------------------------
+
+    def start_run(
+        self,
+        slug: str,
+        *,
+        trigger: str,
+        prompt_sha256: str,
+        started_at: str,
+        network: str,
+        sandbox: str,
+        db: sqlite3.Connection | None = None,
+    ) -> int:
+        def write(tx: sqlite3.Connection) -> int:
+            n = int(tx.execute("SELECT COALESCE(MAX(n), 0) + 1 FROM runs WHERE slug = ?", (slug,)).fetchone()[0])
+            tx.execute(
+                "INSERT INTO runs (slug, n, trigger, prompt_sha256, started_at, network, sandbox) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (slug, n, trigger, prompt_sha256, started_at, network, sandbox),
+            )
+            return n
+
+        if db is not None:
+            return write(db)
+        with self.transaction() as tx:
+            return write(tx)
+
+    def update_run(self, slug: str, n: int, **fields: Any) -> None:
+        allowed = {
+            "ended_at",
+            "exit_code",
+            "signalled_status",
+            "signalled_summary",
+            "watchdog_fired",
+            "secret_findings",
+            "error",
+        }
+        assert fields and set(fields) <= allowed
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self.transaction() as db:
+            db.execute(f"UPDATE runs SET {sets} WHERE slug = ? AND n = ?", [*fields.values(), slug, n])
+
+    def runs(self, slug: str) -> list[dict[str, Any]]:
+        rows = self._query("SELECT * FROM runs WHERE slug = ? ORDER BY n", (slug,))
+        return [dict(r) for r in rows]
+
+    def last_run(self, slug: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM runs WHERE slug = ? ORDER BY n DESC LIMIT 1", (slug,))
+        return dict(rows[0]) if rows else None
+
+    # -- the operation log ------------------------------------------------------------
+
+    def append_operation(
+        self, slug: str, *, run: int, at: str, op: str, target: str, outcome: str, detail: str, duration_ms: float
+    ) -> Operation:
+        with self.transaction() as db:
+            row = db.execute("SELECT chain_head, op_count FROM forge_state WHERE slug = ?", (slug,)).fetchone()
+            if row is None:
+                raise StoreError(f"no bottle {slug!r}")
+            previous = row["chain_head"] or genesis(slug)
+            seq = int(row["op_count"]) + 1
+            draft = Operation(seq, run, at, op, target, outcome, detail, round(duration_ms, 3), "")
+            operation = dataclasses.replace(draft, hash=chain_hash(previous, draft))
+            db.execute(
+                "INSERT INTO operations (slug, seq, run, at, op, target, outcome, detail, duration_ms, hash) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (slug, seq, run, at, op, target, outcome, detail, operation.duration_ms, operation.hash),
+            )
+            db.execute(
+                "UPDATE forge_state SET chain_head = ?, op_count = ?, last_checkin_at = ? WHERE slug = ?",
+                (operation.hash, seq, at, slug),
+            )
+            return operation
+
+    def operations(self, slug: str) -> list[Operation]:
+        rows = self._query("SELECT * FROM operations WHERE slug = ? ORDER BY seq", (slug,))
+        return [
+            Operation(
+                int(r["seq"]),
+                int(r["run"]),
+                r["at"],
+                r["op"],
+                r["target"],
+                r["outcome"],
+                r["detail"],
+                float(r["duration_ms"]),
+                r["hash"],
+            )
+            for r in rows
+        ]
+
+    def verify(self, slug: str) -> ChainCheck:
+        state = self.by_slug(slug)
+        if state is None:
+            raise StoreError(f"no bottle {slug!r}")
+        return verify_chain(slug, self.operations(slug), head=state.chain_head, count=state.op_count)
+
+    # -- pending prompts -----------------------------------------------------------
+
+    def add_pending(
+        self, slug: str, *, at: str, trigger: str, source: str, body: str, db: sqlite3.Connection | None = None
+    ) -> None:
+        sql = "INSERT INTO pending_prompts (slug, at, trigger, source, body) VALUES (?, ?, ?, ?, ?)"
+        if db is not None:
+            db.execute(sql, (slug, at, trigger, source, body))
+            return
+        with self.transaction() as tx:
+            tx.execute(sql, (slug, at, trigger, source, body))
+
+    def pending(self, slug: str) -> list[dict[str, Any]]:
+        rows = self._query("SELECT * FROM pending_prompts WHERE slug = ? ORDER BY id", (slug,))
+        return [dict(r) for r in rows]
+
+    def take_pending(self, slug: str, ids: Sequence[int], db: sqlite3.Connection) -> None:
+        db.executemany("DELETE FROM pending_prompts WHERE slug = ? AND id = ?", [(slug, i) for i in ids])
+
+    def slugs_with_pending(self) -> list[str]:
+        rows = self._query("SELECT slug, MIN(id) AS first FROM pending_prompts GROUP BY slug ORDER BY first")
+        return [r["slug"] for r in rows]
+
+    def count_operations(self, slug: str, ops: Sequence[str], *, outcome: str, since: str) -> int:
+        marks = ", ".join("?" for _ in ops)
+        rows = self._query(
+            f"SELECT COUNT(*) AS n FROM operations WHERE slug = ? AND op IN ({marks}) AND outcome = ? AND at >= ?",
+            [slug, *ops, outcome, since],
+        )
+        return int(rows[0]["n"])
+
+    def by_pr(self, owner: str, repo: str, pr: int) -> ForgeState | None:
+        rows = self._query(
+            "SELECT * FROM forge_state WHERE owner = ? AND repo = ? AND pr_number = ?", (owner, repo, pr)
+        )
+        return _state_from_row(rows[0]) if rows else None
