@@ -281,10 +281,11 @@ class DevForge:
         return rec
 
     def commit_files(self, owner: str, name: str, branch: str, files: Mapping[str, str], message: str) -> str:
-        """Commit ``files`` on top of ``branch`` (plumbing only, no work tree)."""
+        """Commit ``files`` on top of ``branch`` (plumbing only, no work tree); creates the branch."""
         repo = self.repo(owner, name)
         git_dir = str(repo.path)
-        parent = _git_out(["-C", git_dir, "rev-parse", "--verify", "-q", f"refs/heads/{branch}"], check=False)
+        # A new branch starts from the default branch, as a branch made in Gitea's UI does.
+        parent = self.branch_sha(repo, branch) or self.branch_sha(repo, repo.default_branch)
         with tempfile.TemporaryDirectory() as tmp:
             env = {**_git_env(), "GIT_INDEX_FILE": str(Path(tmp) / "index")}
             if parent:

@@ -1,0 +1,331 @@
+"""Shared rig: a devforge and forgebottle's app, each on real loopback HTTP in its own thread.
+
+Nothing of ours is patched: tests talk to the service the way Gitea and agents do (signed
+webhooks from devforge, the sidecar socket) and read the SQLite file it writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import httpx
+import pytest
+import uvicorn
+
+import devforge as df
+from bottles import AgentSpec, BottleSpec, find_bwrap
+from forgebottle import Config, Service, create_app
+from gitea import Gitea, Secret
+from statemachine import BottleState
+from store import ForgeState, Store
+
+T = TypeVar("T")
+
+HAVE_BWRAP = find_bwrap() is not None
+needs_bwrap = pytest.mark.skipif(not HAVE_BWRAP, reason="bubblewrap is not installed")
+WEBHOOK_SECRET = "whsec-" + "5" * 24
+
+
+def wait_until(predicate: Callable[[], T], *, timeout: float = 30.0, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class _ThreadServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class ServerThread:
+    """An ASGI app on 127.0.0.1:<free port>, in a thread with its own event loop."""
+
+    def __init__(self, app: Any) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = _ThreadServer(uvicorn.Config(app, log_config=None, access_log=False, lifespan="auto"))
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self.server.serve(sockets=[self.sock]))
+        except BaseException as exc:  # surfaced by start()
+            self.error = exc
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), timeout=30, what="server start")
+        if not self.server.started:
+            raise RuntimeError(f"server did not start: {self.error!r}")
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@dataclasses.dataclass
+class Forge:
+    dev: df.DevForge
+    world: df.Seeded
+    server: ServerThread
+
+    @property
+    def api(self) -> str:
+        return f"{self.server.url}/api/v1"
+
+    @property
+    def owner(self) -> str:
+        return self.world.owner
+
+    @property
+    def repo(self) -> str:
+        return self.world.repo
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    # Unix socket paths are capped at 108 bytes; pytest's tmp_path can be longer.
+    path = Path(tempfile.mkdtemp(prefix="fb-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def forge(short_tmp: Path) -> Iterator[Forge]:
+    dev = df.DevForge(short_tmp / "forge")
+    world = df.seed(dev)
+    server = ServerThread(dev.app)
+    dev.base_url = server.url + "/"
+    server.start()
+    yield Forge(dev, world, server)
+    server.stop()
+    dev.close()
+
+
+# An agent that does the whole happy path with nothing but git and the forge tool.
+HAPPY_AGENT = r"""#!/bin/sh
+set -eu
+issue="$FORGE_ISSUE_NUMBER"
+env > "$HOME/env.txt"
+if grep -q "New input since your last run" "$FORGE_PROMPT_FILE"; then
+  pr=$(forge whoami | python3 -c 'import json,sys; print(json.load(sys.stdin)["pr"])')
+  forge comment "$pr" "rehydrated with: $(grep -o 'PLEASE-[A-Z]*' "$FORGE_PROMPT_FILE" | tr '\n' ' ')"
+  forge done success "answered review"
+  exit 0
+fi
+forge read-issue "$issue" > /dev/null
+forge comment "$issue" "working on it"
+echo "change for $issue" > change.txt
+git add change.txt
+git commit -q -m "change for #$issue"
+forge push
+forge open-pr --title "Fix #$issue" --body "A change."
+forge done success "opened a PR"
+"""
+
+SLEEP_AGENT = """#!/bin/sh
+forge whoami > /dev/null
+sleep 1000 &
+echo started > "$HOME/started"
+sleep 1000
+"""
+
+EXIT_AGENT = """#!/bin/sh
+forge whoami > /dev/null
+exit 3
+"""
+
+
+# An agent that takes turns: copies each prompt to $HOME, then waits for the test's go-<n>.
+TURNS_AGENT = """#!/bin/sh
+n=$(ls "$HOME" | grep -c '^prompt-')
+n=$((n + 1))
+cp "$FORGE_PROMPT_FILE" "$HOME/prompt-$n.md"
+forge whoami > "$HOME/whoami-$n.json"
+while [ ! -f "$HOME/go-$n" ]; do sleep 0.05; done
+forge done success "turn $n"
+"""
+
+AGENTS = {"happy": HAPPY_AGENT, "sleep": SLEEP_AGENT, "exit": EXIT_AGENT, "turns": TURNS_AGENT}
+
+
+class Rig:
+    """forgebottle's app served on loopback against a devforge, plus a store to read its state."""
+
+    def __init__(self, forge: Forge, state_dir: Path, **overrides: Any) -> None:
+        self.forge = forge
+        self.state_dir = state_dir
+        tools = state_dir / "tools"
+        tools.mkdir(parents=True, exist_ok=True)
+        for name, script in AGENTS.items():
+            (tools / f"{name}-agent").write_text(script)
+        agents = {
+            name: AgentSpec(
+                name,
+                ("/bin/sh", f"/opt/forgebottle/bin/{name}-agent"),
+                ("/bin/sh", f"/opt/forgebottle/bin/{name}-agent"),
+            )
+            for name in AGENTS
+        }
+        sandbox: Literal["bwrap", "none"] = "bwrap" if HAVE_BWRAP else "none"
+        if sandbox == "none":
+            for name in agents:
+                command = ("/bin/sh", str(tools / f"{name}-agent"))
+                agents[name] = dataclasses.replace(agents[name], command=command, resume_command=command)
+        settings: dict[str, Any] = {
+            "api_url": forge.api,
+            "token": Secret(forge.world.bot.token),
+            "webhook_secret": Secret(WEBHOOK_SECRET),
+            "state_dir": state_dir,
+            "org": forge.world.org,
+            "agents": agents,
+            "bottles": {"local": BottleSpec(sandbox=sandbox)},
+            "done_grace": 5.0,
+            "watchdog_timeout": 600.0,
+            "watchdog_interval": 0.2,
+        }
+        settings.update(overrides)
+        self.config = Config(**settings)
+        self.app_store = Store(self.config.db_path)
+        self.gitea = Gitea(self.config.api_url, self.config.token.reveal())
+        self.service = Service(self.config, self.app_store, self.gitea)
+        self.server = ServerThread(create_app(self.config, self.app_store, self.gitea, service=self.service))
+        self.store = Store(self.config.db_path)
+        self.hook: df.HookRec | None = None
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def start(self, *, hook: bool = True) -> Rig:
+        self.server.start()
+        if hook:
+            self.hook = self.forge.dev.add_hook(
+                self.forge.owner, self.forge.repo, f"{self.url}/webhook", WEBHOOK_SECRET
+            )
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.store.close()
+
+    def deliveries(self) -> list[df.Delivery]:
+        return self.forge.dev.wait_deliveries()
+
+    def bottle(self, issue: int) -> ForgeState | None:
+        return self.store.get(self.forge.owner, self.forge.repo, issue)
+
+    def wait_state(self, issue: int, state: BottleState, *, runs: int = 0, timeout: float = 60.0) -> ForgeState:
+        def check() -> ForgeState | None:
+            found = self.bottle(issue)
+            if found and found.status is state and len(self.store.runs(found.slug)) >= runs:
+                return found
+            return None
+
+        found = wait_until(check, timeout=timeout, what=f"issue #{issue} {state.value} with {runs} run(s)")
+        assert found is not None
+        return found
+
+    def wait_events_done(self, timeout: float = 30.0) -> None:
+        self.deliveries()
+        wait_until(lambda: not self.store.pending_events(1), timeout=timeout, what="the inbox to drain")
+
+    def open_issue(
+        self,
+        agent: str = "happy",
+        *,
+        assignee: str | None = None,
+        labels: list[str] | None = None,
+        body: str = "Please fix.",
+    ) -> df.IssueRec:
+        member = self.forge.world.member.login
+        return self.forge.dev.create_issue(
+            self.forge.owner,
+            self.forge.repo,
+            title="Fix the thing",
+            body=body,
+            user=member,
+            labels=labels if labels is not None else [f"bot-bottle:{agent}"],
+            assignees=[assignee or member],
+        )
+
+    def home(self, slug: str) -> Path:
+        return self.state_dir / "bottles" / slug / "home"
+
+    def go(self, slug: str, turn: int) -> None:
+        """Let a turns-agent finish turn ``turn``."""
+        self.home(slug).joinpath(f"go-{turn}").touch()
+
+    def event_reasons(self) -> list[str]:
+        return [e["reason"] for e in self.store.events(1000)]
+
+
+@pytest.fixture
+def rig_factory(forge: Forge, short_tmp: Path) -> Iterator[Callable[..., Rig]]:
+    rigs: list[Rig] = []
+
+    def make(**overrides: Any) -> Rig:
+        rig = Rig(forge, short_tmp / f"state{len(rigs)}", **overrides)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        rig.stop()
+
+
+@pytest.fixture
+def rig(rig_factory: Callable[..., Rig]) -> Rig:
+    return rig_factory().start()
+
+
+def read_when(path: Path, *, timeout: float = 30.0) -> str:
+    """The text of ``path`` once it exists."""
+    wait_until(path.exists, timeout=timeout, what=str(path))
+    return path.read_text()
+
+
+def sign(body: bytes, secret: str = WEBHOOK_SECRET) -> str:
+    return df.sign(secret, body)
+
+
+def post_webhook(
+    url: str,
+    body: bytes,
+    event_type: str = "issues",
+    *,
+    signature: str | None = None,
+    content_type: str = "application/json",
+) -> httpx.Response:
+    headers = {
+        "Content-Type": content_type,
+        "X-Gitea-Event-Type": event_type,
+        "X-Gitea-Event": event_type,
+        "X-Gitea-Delivery": "d-" + os.urandom(4).hex(),
+    }
+    if signature is not None:
+        headers["X-Gitea-Signature"] = signature
+    return httpx.post(f"{url}/webhook", content=body, headers=headers, timeout=10)

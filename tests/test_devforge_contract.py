@@ -1,0 +1,190 @@
+"""devforge against Gitea's own API spec (../shared/gitea/swagger.v1.json, read in place).
+
+Every API route devforge serves must exist in the spec with that method, and every response
+body it sends (and every entity inside its webhook payloads) must validate against the spec's
+definitions. Go marshals nil slices and pointers as null, which Swagger 2.0 cannot say, so
+null is allowed for every property.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+from starlette.routing import Route
+
+from tests.conftest import Forge
+
+SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "gitea" / "swagger.v1.json"
+pytestmark = pytest.mark.skipif(not SPEC_PATH.exists(), reason="../shared/gitea/swagger.v1.json is not beside the repo")
+
+
+@cache
+def spec() -> dict[str, Any]:
+    return json.loads(SPEC_PATH.read_text())  # type: ignore[no-any-return]
+
+
+def nullable(schema: Any) -> Any:
+    if isinstance(schema, list):
+        return [nullable(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: nullable(v) for k, v in schema.items()}
+    if isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    if "properties" in out:
+        out["properties"] = {
+            name: ({"anyOf": [prop, {"type": "null"}]} if "$ref" in prop else prop)
+            for name, prop in out["properties"].items()
+        }
+    return out
+
+
+@cache
+def definitions() -> dict[str, Any]:
+    return nullable(copy.deepcopy(spec()["definitions"]))  # type: ignore[no-any-return]
+
+
+def validate(schema: dict[str, Any], instance: Any) -> None:
+    jsonschema.Draft4Validator({**schema, "definitions": definitions()}).validate(instance)
+
+
+def response_schema(path: str, method: str, status: int) -> dict[str, Any] | None:
+    response = spec()["paths"][path][method.lower()]["responses"][str(status)]
+    if "$ref" in response:
+        response = spec()["responses"][response["$ref"].split("/")[-1]]
+    schema = response.get("schema")
+    return nullable(schema) if schema else None
+
+
+def api_routes(forge: Forge) -> list[tuple[str, str]]:
+    out = []
+    for route in forge.dev.app.routes:
+        assert isinstance(route, Route)
+        if not route.path.startswith("/api/v1"):
+            continue
+        path = re.sub(r":\w+}", "}", route.path[len("/api/v1") :])
+        for method in sorted(route.methods or ()):
+            if method != "HEAD":
+                out.append((method, path))
+    return out
+
+
+def test_every_devforge_route_is_in_the_spec(forge: Forge) -> None:
+    routes = api_routes(forge)
+    assert len(routes) >= 15
+    missing = [f"{m} {p}" for m, p in routes if m.lower() not in spec()["paths"].get(p, {})]
+    assert missing == []
+
+
+def test_every_response_body_validates(forge: Forge) -> None:
+    dev, world = forge.dev, forge.world
+    o, r = forge.owner, forge.repo
+    dev.create_issue(
+        o, r, title="I", body="", user=world.member.login, labels=["bot-bottle:x"], assignees=[world.member.login]
+    )
+    dev.create_issue(o, r, title="J", body="b", user=world.member.login)  # no assignees: null
+    dev.comment(o, r, 1, "c", user=world.member.login)
+    dev.commit_files(o, r, "feature", {"f": "x"}, "f")
+    headers = {"Authorization": f"token {world.bot.token}"}
+    calls = [
+        ("GET", "/version", "/version", None, 200),
+        ("GET", "/user", "/user", None, 200),
+        ("GET", "/orgs/{org}", f"/orgs/{world.org}", None, 200),
+        ("GET", "/orgs/{org}/members/{username}", f"/orgs/{world.org}/members/{world.member.login}", None, 204),
+        ("GET", "/orgs/{org}/public_members/{username}", f"/orgs/{world.org}/public_members/x", None, 404),
+        ("GET", "/repos/{owner}/{repo}", f"/repos/{o}/{r}", None, 200),
+        (
+            "GET",
+            "/repos/{owner}/{repo}/collaborators/{collaborator}/permission",
+            f"/repos/{o}/{r}/collaborators/{world.member.login}/permission",
+            None,
+            200,
+        ),
+        ("POST", "/repos/{owner}/{repo}/issues", f"/repos/{o}/{r}/issues", {"title": "new"}, 201),
+        ("GET", "/repos/{owner}/{repo}/issues/{index}", f"/repos/{o}/{r}/issues/1", None, 200),
+        ("GET", "/repos/{owner}/{repo}/issues/{index}", f"/repos/{o}/{r}/issues/2", None, 200),
+        ("PATCH", "/repos/{owner}/{repo}/issues/{index}", f"/repos/{o}/{r}/issues/1", {"body": "x"}, 201),
+        ("GET", "/repos/{owner}/{repo}/issues/{index}/comments", f"/repos/{o}/{r}/issues/1/comments", None, 200),
+        (
+            "POST",
+            "/repos/{owner}/{repo}/issues/{index}/comments",
+            f"/repos/{o}/{r}/issues/1/comments",
+            {"body": "hi"},
+            201,
+        ),
+        ("GET", "/repos/{owner}/{repo}/issues/{index}/labels", f"/repos/{o}/{r}/issues/1/labels", None, 200),
+        (
+            "POST",
+            "/repos/{owner}/{repo}/issues/{index}/labels",
+            f"/repos/{o}/{r}/issues/2/labels",
+            {"labels": ["bot-bottle:x", "unknown"]},
+            200,
+        ),
+        (
+            "POST",
+            "/repos/{owner}/{repo}/pulls",
+            f"/repos/{o}/{r}/pulls",
+            {"head": "feature", "base": "main", "title": "PR"},
+            201,
+        ),
+        (
+            "POST",
+            "/repos/{owner}/{repo}/pulls",
+            f"/repos/{o}/{r}/pulls",
+            {"head": "feature", "base": "main", "title": "PR"},
+            409,
+        ),
+        ("GET", "/repos/{owner}/{repo}/pulls", f"/repos/{o}/{r}/pulls", None, 200),
+        ("GET", "/repos/{owner}/{repo}/pulls/{index}", f"/repos/{o}/{r}/pulls/4", None, 200),
+        ("GET", "/repos/{owner}/{repo}/pulls/{index}/merge", f"/repos/{o}/{r}/pulls/4/merge", None, 404),
+        ("POST", "/repos/{owner}/{repo}/pulls/{index}/merge", f"/repos/{o}/{r}/pulls/4/merge", {"Do": "merge"}, 200),
+        ("GET", "/repos/{owner}/{repo}/pulls/{index}", f"/repos/{o}/{r}/pulls/99", None, 404),
+    ]
+    covered = set()
+    with httpx.Client(base_url=forge.api, headers=headers) as http:
+        for method, template, path, body, status in calls:
+            response = http.request(method, path, json=body)
+            assert response.status_code == status, (method, path, response.text)
+            covered.add((method, template))
+            schema = response_schema(template, method, status)
+            if schema is not None:
+                validate(schema, response.json())
+            elif response.content and status >= 400:
+                assert set(response.json()) >= {"message", "url"}
+    assert covered == set(api_routes(forge)), "every devforge API route must be exercised"
+
+
+def test_webhook_entities_validate(forge: Forge) -> None:
+    dev, world = forge.dev, forge.world
+    seen: list[dict[str, Any]] = []
+    hook_url = "http://127.0.0.1:9/unused"
+    dev.add_hook(forge.owner, forge.repo, hook_url, "s")
+    dev.create_issue(forge.owner, forge.repo, title="I", body="<b>&", user=world.member.login)
+    dev.comment(forge.owner, forge.repo, 1, "c", user=world.member.login)
+    dev.commit_files(forge.owner, forge.repo, "feature", {"f": "x"}, "f")
+    dev.create_pr(forge.owner, forge.repo, head="feature", base="main", title="PR", body="", user=world.bot.login)
+    dev.review(forge.owner, forge.repo, 2, "lgtm", user=world.member.login, kind="approved")
+    for delivery in dev.wait_deliveries():
+        # Go's encoder escapes <, > and & and indents by two spaces, with no trailing newline.
+        assert b"<" not in delivery.body and b"&" not in delivery.body
+        assert delivery.body.startswith(b'{\n  "') and not delivery.body.endswith(b"\n")
+        seen.append(json.loads(delivery.body))
+    assert b"\\u003cb\\u003e\\u0026" in dev.deliveries[0].body
+    assert len(seen) == 4
+    for payload in seen:
+        validate({"$ref": "#/definitions/User"}, payload["sender"])
+        validate({"$ref": "#/definitions/Repository"}, payload["repository"])
+        if "issue" in payload:
+            validate({"$ref": "#/definitions/Issue"}, payload["issue"])
+        if "comment" in payload:
+            validate({"$ref": "#/definitions/Comment"}, payload["comment"])
+        if "pull_request" in payload:
+            validate({"$ref": "#/definitions/PullRequest"}, payload["pull_request"])

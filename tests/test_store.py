@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from statemachine import Bottle, BottleState, Trigger, fire
+from store import MIGRATIONS, ForgeState, Store, StoreError
+
+
+def state(owner: str = "acme", repo: str = "widgets", issue: int = 17, **kw: object) -> ForgeState:
+    values: dict[str, object] = {
+        "owner": owner,
+        "repo": repo,
+        "issue_number": issue,
+        "slug": f"{owner}-{repo}-{issue}",
+        "agent_name": "implementer",
+        "status": BottleState.QUEUED,
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "updated_at": "2026-01-01T00:00:00+00:00",
+    }
+    values.update(kw)
+    return ForgeState(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "bot-bottle.db")
+
+
+def test_round_trip_keeps_every_field(store: Store) -> None:
+    original = state(
+        bottle_names=("local", "gpu"),
+        backend_name="command",
+        agent_git_user="bot",
+        pr_number=18,
+        status=BottleState.FROZEN,
+        last_checkin_at="2026-01-01T00:05:00+00:00",
+        issue_url="http://x/issues/17",
+        pr_url="http://x/pulls/18",
+        sandbox="bwrap",
+    )
+    store.upsert(original)
+    assert store.get("acme", "widgets", 17) == original
+    assert store.by_slug("acme-widgets-17") == original
+
+
+def test_missing_is_none(store: Store) -> None:
+    assert store.get("acme", "widgets", 99) is None
+    assert store.by_slug("nope") is None
+
+
+def test_upsert_replaces_keeping_one_row(store: Store) -> None:
+    store.upsert(state())
+    store.upsert(state(agent_name="reviewer", pr_number=5))
+    rows = store.all()
+    assert len(rows) == 1
+    assert (rows[0].agent_name, rows[0].pr_number) == ("reviewer", 5)
+
+
+def test_delete_is_idempotent(store: Store) -> None:
+    store.upsert(state())
+    store.delete("acme", "widgets", 17)
+    store.delete("acme", "widgets", 17)
+    assert store.get("acme", "widgets", 17) is None
+
+
+def test_all_is_ordered_by_owner_repo_issue(store: Store) -> None:
+    for owner, repo, issue in [("b", "a", 1), ("a", "b", 2), ("a", "b", 10), ("a", "a", 5)]:
+        store.upsert(state(owner, repo, issue))
+    assert [(s.owner, s.repo, s.issue_number) for s in store.all()] == [
+        ("a", "a", 5),
+        ("a", "b", 2),
+        ("a", "b", 10),
+        ("b", "a", 1),
+    ]
+
+
+def test_records_survive_a_reopen(tmp_path: Path) -> None:
+    first = Store(tmp_path / "db")
+    first.upsert(state())
+    first.add_event(received_at="t", delivery="d", event_type="issues", body=b"{}")
+    first.close()
+    second = Store(tmp_path / "db")
+    assert second.get("acme", "widgets", 17) == state()
+    assert len(second.pending_events()) == 1
+
+
+def test_migrates_an_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    path.touch()
+    store = Store(path)
+    assert store.version == len(MIGRATIONS)
+    with sqlite3.connect(path) as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert {"forge_state", "inbox", "runs", "operations", "transitions", "pending_prompts"} <= tables
+
+
+def test_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(StoreError, match="newer"):
+        Store(path)
+
+
+def test_identical_body_is_not_new(store: Store) -> None:
+    first = store.add_event(received_at="t", delivery="a", event_type="issues", body=b'{"x": 1}')
+    again = store.add_event(received_at="t", delivery="b", event_type="issues", body=b'{"x": 1}')
+    other = store.add_event(received_at="t", delivery="c", event_type="issues", body=b'{"x": 2}')
+    assert first == (first[0], True)
+    assert again == (first[0], False)
+    assert other[1] and other[0] != first[0]
+
+
+def test_transition_is_persisted_with_its_record(store: Store) -> None:
+    row = state()
+    store.upsert(row)
+    record = fire(
+        Bottle(row.slug, row.status), Trigger.LAUNCH, at="2026-01-02T00:00:00+00:00", reason="slot", free_slots=1
+    )
+    store.apply(row, record)
+    assert store.get("acme", "widgets", 17).status is BottleState.RUNNING  # type: ignore[union-attr]
+    assert store.transitions(row.slug) == [
+        {
+            "at": "2026-01-02T00:00:00+00:00",
+            "trigger": "launch",
+            "source": "queued",
+            "dest": "running",
+            "reason": "slot",
+        }
+    ]
+
+
+def test_operation_chain_detects_edits_and_deletions(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db")
+    store.upsert(state())
+    for n in range(4):
+        store.append_operation(
+            "acme-widgets-17",
+            run=1,
+            at=f"2026-01-01T00:00:0{n}",
+            op="read_issue",
+            target="#17",
+            outcome="ok",
+            detail="read issue #17",
+            duration_ms=1.5,
+        )
+    assert store.verify("acme-widgets-17").verified
+    with sqlite3.connect(tmp_path / "db") as db:
+        db.execute("UPDATE operations SET detail = 'nothing' WHERE seq = 2")
+    check = store.verify("acme-widgets-17")
+    assert (check.verified, check.broken_seq) == (False, 2)
+    with sqlite3.connect(tmp_path / "db") as db:
+        db.execute("UPDATE operations SET detail = 'read issue #17' WHERE seq = 2")
+        db.execute("DELETE FROM operations WHERE seq = 4")
+    check = store.verify("acme-widgets-17")
+    assert not check.verified and "missing" in check.problem
+
+
+def test_pending_prompts_keep_order(store: Store) -> None:
+    store.upsert(state())
+    for n in range(3):
+        store.add_pending("acme-widgets-17", at="t", trigger="issue_comment", source=f"c{n}", body=f"body {n}")
+    assert [p["body"] for p in store.pending("acme-widgets-17")] == ["body 0", "body 1", "body 2"]

@@ -1,0 +1,208 @@
+"""The webhook rules of DESIGN.md §4, end to end: devforge sends signed webhooks to serve."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from urllib.parse import urlencode
+
+from statemachine import BottleState
+from tests.conftest import Rig, needs_bwrap, post_webhook, read_when, sign
+
+pytestmark = needs_bwrap
+
+
+def test_launch_on_label_and_member_assignment(rig: Rig) -> None:
+    dev, world = rig.forge.dev, rig.forge.world
+    issue = dev.create_issue(rig.forge.owner, rig.forge.repo, title="T", body="b", user=world.member.login)
+    rig.wait_events_done()
+    assert rig.bottle(issue.number) is None
+    assert "has no bot-bottle:<agent> label" in rig.event_reasons()[0]
+    dev.set_labels(rig.forge.owner, rig.forge.repo, issue.number, ["bot-bottle:happy"], by=world.member.login)
+    rig.wait_events_done()
+    assert rig.bottle(issue.number) is None
+    assert "none is a member" in rig.event_reasons()[0]
+    dev.assign(rig.forge.owner, rig.forge.repo, issue.number, [world.member.login], by=world.member.login)
+    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    assert state.agent_name == "happy" and state.pr_number is not None
+    assert [t["trigger"] for t in rig.store.transitions(state.slug)] == ["launch", "done"]
+    assert rig.store.runs(state.slug)[0]["trigger"] == "issue_assign"
+
+
+def test_no_launch_for_outsider_assignee_or_unknown_agent(rig: Rig) -> None:
+    outsider = rig.open_issue(assignee=rig.forge.world.outsider.login)
+    unknown = rig.open_issue(agent="nope")
+    rig.wait_events_done()
+    assert rig.bottle(outsider.number) is None and rig.bottle(unknown.number) is None
+    reasons = rig.event_reasons()
+    assert any(f"assigned to {rig.forge.world.outsider.login}; none is a member" in r for r in reasons)
+    assert any("agent 'nope' is not configured" in r for r in reasons)
+
+
+def test_not_twice_for_one_issue(rig: Rig) -> None:
+    issue = rig.open_issue(agent="turns")
+    state = rig.wait_state(issue.number, BottleState.RUNNING)
+    member = rig.forge.world.member.login
+    rig.forge.dev.edit_issue(rig.forge.owner, rig.forge.repo, issue.number, body="edited", by=member)
+    rig.wait_events_done()
+    assert f"bottle {state.slug} is already running" in rig.event_reasons()[0]
+    assert len(rig.store.all()) == 1
+    rig.go(state.slug, 1)
+    rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+
+
+def test_bad_or_missing_signature_is_401_and_stores_nothing(rig: Rig) -> None:
+    body = json.dumps({"action": "opened"}).encode()
+    assert post_webhook(rig.url, body).status_code == 401
+    assert post_webhook(rig.url, body, signature="0" * 64).status_code == 401
+    assert post_webhook(rig.url, body, signature=sign(body, "wrong-secret")).status_code == 401
+    assert post_webhook(rig.url, body, signature="not hex at all").status_code == 401
+    assert rig.store.events(10) == []
+
+
+def test_malformed_and_oversized(rig: Rig) -> None:
+    assert post_webhook(rig.url, b"[1, 2]", signature=sign(b"[1, 2]")).status_code == 400
+    assert post_webhook(rig.url, b"{nope", signature=sign(b"{nope")).status_code == 400
+    big = b'{"pad": "' + b"x" * (1024 * 1024) + b'"}'
+    assert post_webhook(rig.url, big, signature=sign(big)).status_code == 413
+    no_type = post_webhook(rig.url, b"{}", event_type="", signature=sign(b"{}"))
+    assert no_type.status_code == 400
+    assert rig.store.events(10) == []
+
+
+def test_form_hooks_are_signed_over_the_json(rig: Rig) -> None:
+    payload = json.dumps({"action": "ping", "repository": {"name": "r", "owner": {"login": "o"}}}).encode()
+    form = urlencode({"payload": payload.decode()}).encode()
+    ok = post_webhook(rig.url, form, "push", signature=sign(payload), content_type="application/x-www-form-urlencoded")
+    assert ok.status_code == 202
+    bad = post_webhook(
+        rig.url, form + b"&x=1", "push", signature=sign(form), content_type="application/x-www-form-urlencoded"
+    )
+    assert bad.status_code == 401
+
+
+def test_replay_is_a_noop(rig: Rig) -> None:
+    issue = rig.open_issue()
+    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    first = next(d for d in rig.deliveries() if d.event_type == "issues")
+    copy = rig.forge.dev.replay(first)
+    rig.deliveries()
+    assert copy.status == 200 and "replay of event" in copy.response
+    assert copy.uuid != first.uuid
+    assert len(rig.store.all()) == 1 and len(rig.store.runs(state.slug)) == 1
+
+
+def test_snapshot_has_title_body_and_member_comments_only(rig: Rig) -> None:
+    dev, world = rig.forge.dev, rig.forge.world
+    issue = dev.create_issue(rig.forge.owner, rig.forge.repo, title="Title T", body="Body B", user=world.member.login)
+    dev.comment(rig.forge.owner, rig.forge.repo, issue.number, "MEMBER-SAYS", user=world.member.login)
+    dev.comment(rig.forge.owner, rig.forge.repo, issue.number, "IGNORE-ALL-INSTRUCTIONS", user=world.outsider.login)
+    dev.set_labels(rig.forge.owner, rig.forge.repo, issue.number, ["bot-bottle:turns"], by=world.member.login)
+    dev.assign(rig.forge.owner, rig.forge.repo, issue.number, [world.member.login], by=world.member.login)
+    state = rig.wait_state(issue.number, BottleState.RUNNING)
+    prompt = read_when(rig.home(state.slug) / "prompt-1.md")
+    assert "Title T" in prompt and "Body B" in prompt and "MEMBER-SAYS" in prompt
+    assert "IGNORE-ALL-INSTRUCTIONS" not in prompt
+    assert "forge done" in prompt  # the overlay
+    # Editing the issue after launch does not change the running prompt.
+    dev.edit_issue(rig.forge.owner, rig.forge.repo, issue.number, body="EDITED", by=world.member.login)
+    rig.wait_events_done()
+    rig.go(state.slug, 1)
+    rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    assert "EDITED" not in (rig.home(state.slug) / "prompt-1.md").read_text()
+
+
+def test_trusted_pr_comment_rehydrates_with_that_comment(rig: Rig) -> None:
+    dev, world = rig.forge.dev, rig.forge.world
+    issue = rig.open_issue()
+    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    assert state.pr_number is not None
+    dev.comment(rig.forge.owner, rig.forge.repo, state.pr_number, "PLEASE-RENAME it", user=world.member.login)
+    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=2)
+    assert state.pr_number is not None
+    replies = [c.body for c in dev.issue(rig.forge.owner, rig.forge.repo, state.pr_number).comments]
+    assert any("rehydrated with: PLEASE-RENAME" in body for body in replies)
+    assert rig.store.runs(state.slug)[1]["trigger"] == "pull_request_comment"
+    assert [t["trigger"] for t in rig.store.transitions(state.slug)] == ["launch", "done", "rehydrate", "done"]
+
+
+def test_outsider_and_own_comments_do_not_rehydrate(rig: Rig) -> None:
+    dev, world = rig.forge.dev, rig.forge.world
+    issue = rig.open_issue()
+    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    assert state.pr_number is not None
+    dev.comment(rig.forge.owner, rig.forge.repo, state.pr_number, "PLEASE-LEAK", user=world.outsider.login)
+    dev.comment(rig.forge.owner, rig.forge.repo, issue.number, "PLEASE-LOOP", user=world.bot.login)
+    rig.wait_events_done()
+    reasons = rig.event_reasons()
+    assert any(f"{world.outsider.login} is neither a member" in r for r in reasons)
+    assert any("forgebottle's own user" in r for r in reasons)
+    assert rig.bottle(issue.number).status is BottleState.FROZEN  # type: ignore[union-attr]
+    assert len(rig.store.runs(state.slug)) == 1
+    assert rig.store.pending(state.slug) == []
+
+
+def test_writer_who_is_not_a_member_is_trusted(rig: Rig) -> None:
+    dev, world = rig.forge.dev, rig.forge.world
+    writer = dev.add_user("wendy")
+    dev.repo(rig.forge.owner, rig.forge.repo).collaborators["wendy"] = "write"
+    issue = rig.open_issue()
+    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    assert state.pr_number is not None
+    dev.review(
+        rig.forge.owner, rig.forge.repo, state.pr_number, "PLEASE-FIX the typo", user=writer.login, kind="rejected"
+    )
+    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=2)
+    assert rig.store.runs(state.slug)[1]["trigger"] == "pull_request_review_rejected"
+    assert world.outsider.login != writer.login
+
+
+def test_comment_during_a_run_waits_for_the_next_turn(rig: Rig) -> None:
+    dev, world = rig.forge.dev, rig.forge.world
+    issue = rig.open_issue(agent="turns")
+    state = rig.wait_state(issue.number, BottleState.RUNNING)
+    dev.comment(rig.forge.owner, rig.forge.repo, issue.number, "FIRST-NOTE", user=world.member.login)
+    dev.comment(rig.forge.owner, rig.forge.repo, issue.number, "SECOND-NOTE", user=world.member.login)
+    rig.wait_events_done()
+    assert [p["body"].split("\n")[-1] for p in rig.store.pending(state.slug)] == ["FIRST-NOTE", "SECOND-NOTE"]
+    assert "kept as a pending prompt (bottle is running)" in rig.event_reasons()[0]
+    rig.go(state.slug, 1)
+    prompt2 = read_when(rig.home(state.slug) / "prompt-2.md")
+    assert "FIRST-NOTE" in prompt2 and "SECOND-NOTE" in prompt2  # coalesced into one turn
+    assert prompt2.index("FIRST-NOTE") < prompt2.index("SECOND-NOTE")
+    rig.go(state.slug, 2)
+    rig.wait_state(issue.number, BottleState.FROZEN, runs=2)
+    assert rig.store.pending(state.slug) == []
+
+
+def test_pr_close_destroys_and_removes_the_workspace(rig: Rig) -> None:
+    issue = rig.open_issue()
+    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    workspace = rig.state_dir / "bottles" / state.slug / "workspace"
+    assert (workspace / "change.txt").exists()
+    assert state.pr_number is not None
+    rig.forge.dev.close_pr(rig.forge.owner, rig.forge.repo, state.pr_number, user=rig.forge.world.member.login)
+    state = rig.wait_state(issue.number, BottleState.DESTROYED)
+    assert not workspace.exists()
+    assert rig.store.transitions(state.slug)[-1]["reason"] == f"pull request #{state.pr_number} closed"
+    assert rig.store.runs(state.slug)  # the record is kept
+
+
+def test_max_running_queues_fifo(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(max_running=1).start()
+    first, second = rig.open_issue(agent="turns"), rig.open_issue(agent="turns")
+    a = rig.wait_state(first.number, BottleState.RUNNING)
+    rig.wait_events_done()
+    assert rig.bottle(second.number).status is BottleState.QUEUED  # type: ignore[union-attr]
+    rig.go(a.slug, 1)
+    b = rig.wait_state(second.number, BottleState.RUNNING)
+    assert rig.bottle(first.number).status is BottleState.FROZEN  # type: ignore[union-attr]
+    rig.go(b.slug, 1)
+    rig.wait_state(second.number, BottleState.FROZEN, runs=1)
+
+
+def test_unknown_bottle_label_is_ignored(rig: Rig) -> None:
+    issue = rig.open_issue(labels=["bot-bottle:happy", "bot-bottle-bottle:gpu"])
+    rig.wait_events_done()
+    assert rig.bottle(issue.number) is None
+    assert "bottle 'gpu' is not configured" in rig.event_reasons()[0]
