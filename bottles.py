@@ -296,7 +296,8 @@ def bwrap_argv(
         argv += ["--ro-bind-try", path, path]
     for option, host, inside in binds:
         argv += [option, host, inside]
-    argv += ["--chdir", chdir]
+    # Last: the tmpfs root itself read-only; only the binds and tmpfs mounts above stay writable.
+    argv += ["--remount-ro", "/", "--chdir", chdir]
     return argv
 
 

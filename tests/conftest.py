@@ -11,7 +11,10 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -56,34 +59,42 @@ class _ThreadServer(uvicorn.Server):
 
 
 class ServerThread:
-    """An ASGI app on 127.0.0.1:<free port>, in a thread with its own event loop."""
+    """An ASGI app on 127.0.0.1:<free port>, in a thread with its own event loop.
 
-    def __init__(self, app: Any) -> None:
+    The port is bound at once; the app may be given later, up to ``start()``.
+    """
+
+    def __init__(self, app: Any = None) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = _ThreadServer(uvicorn.Config(app, log_config=None, access_log=False, lifespan="auto"))
+        self.app = app
+        self.server: _ThreadServer | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.error: BaseException | None = None
 
     def _run(self) -> None:
+        assert self.server is not None
         try:
             asyncio.run(self.server.serve(sockets=[self.sock]))
         except BaseException as exc:  # surfaced by start()
             self.error = exc
 
     def start(self) -> ServerThread:
+        self.server = server = _ThreadServer(uvicorn.Config(self.app, log_config=None, access_log=False))
         self.thread.start()
-        wait_until(lambda: self.server.started or not self.thread.is_alive(), timeout=30, what="server start")
-        if not self.server.started:
+        wait_until(lambda: server.started or not self.thread.is_alive(), timeout=30, what="server start")
+        if not server.started:
             raise RuntimeError(f"server did not start: {self.error!r}")
         return self
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
 
 
 @dataclasses.dataclass
@@ -175,52 +186,69 @@ AGENTS = {"happy": HAPPY_AGENT, "sleep": SLEEP_AGENT, "exit": EXIT_AGENT, "turns
 class Rig:
     """forgebottle's app served on loopback against a devforge, plus a store to read its state."""
 
-    def __init__(self, forge: Forge, state_dir: Path, **overrides: Any) -> None:
+    def __init__(
+        self,
+        forge: Forge,
+        state_dir: Path,
+        *,
+        scripts: dict[str, str] | None = None,
+        agent_env: dict[str, str] | None = None,
+        network: Literal["none", "host"] = "none",
+        agent_timeout: float | None = None,
+        **overrides: Any,
+    ) -> None:
         self.forge = forge
         self.state_dir = state_dir
         tools = state_dir / "tools"
         tools.mkdir(parents=True, exist_ok=True)
-        for name, script in AGENTS.items():
+        scripts = {**AGENTS, **(scripts or {})}
+        for name, script in scripts.items():
             (tools / f"{name}-agent").write_text(script)
-        agents = {
-            name: AgentSpec(
-                name,
-                ("/bin/sh", f"/opt/forgebottle/bin/{name}-agent"),
-                ("/bin/sh", f"/opt/forgebottle/bin/{name}-agent"),
-            )
-            for name in AGENTS
-        }
+        self.scripts = scripts
+        self.agent_env = dict(agent_env or {})
+        self.network = network
+        self.agent_timeout = agent_timeout
+        self.overrides = overrides
+        self.server = ServerThread()
+        self.store = Store(state_dir / "bot-bottle.db")
+        self.hook: df.HookRec | None = None
+        self.config = self._config()
+
+    def _config(self) -> Config:
+        tools = self.state_dir / "tools"
+        env = tuple((k, Secret(v)) for k, v in self.agent_env.items())
         sandbox: Literal["bwrap", "none"] = "bwrap" if HAVE_BWRAP else "none"
-        if sandbox == "none":
-            for name in agents:
-                command = ("/bin/sh", str(tools / f"{name}-agent"))
-                agents[name] = dataclasses.replace(agents[name], command=command, resume_command=command)
+        agents = {}
+        for name in self.scripts:
+            inside = ("/bin/sh", f"/opt/forgebottle/bin/{name}-agent")
+            command = inside if sandbox == "bwrap" else ("/bin/sh", str(tools / f"{name}-agent"))
+            agents[name] = AgentSpec(name, command, command, network=self.network, env=env, timeout=self.agent_timeout)
         settings: dict[str, Any] = {
-            "api_url": forge.api,
-            "token": Secret(forge.world.bot.token),
+            "api_url": self.forge.api,
+            "token": Secret(self.forge.world.bot.token),
             "webhook_secret": Secret(WEBHOOK_SECRET),
-            "state_dir": state_dir,
-            "org": forge.world.org,
+            "state_dir": self.state_dir,
+            "org": self.forge.world.org,
             "agents": agents,
             "bottles": {"local": BottleSpec(sandbox=sandbox)},
             "done_grace": 5.0,
             "watchdog_timeout": 600.0,
             "watchdog_interval": 0.2,
         }
-        settings.update(overrides)
-        self.config = Config(**settings)
-        self.app_store = Store(self.config.db_path)
-        self.gitea = Gitea(self.config.api_url, self.config.token.reveal())
-        self.service = Service(self.config, self.app_store, self.gitea)
-        self.server = ServerThread(create_app(self.config, self.app_store, self.gitea, service=self.service))
-        self.store = Store(self.config.db_path)
-        self.hook: df.HookRec | None = None
+        settings.update(self.overrides)
+        return Config(**settings)
 
     @property
     def url(self) -> str:
         return self.server.url
 
     def start(self, *, hook: bool = True) -> Rig:
+        """Build the app from the settings as they are now, serve it, and point a webhook at it."""
+        self.config = self._config()
+        app_store = Store(self.config.db_path)
+        gitea = Gitea(self.config.api_url, self.config.token.reveal())
+        self.service = Service(self.config, app_store, gitea)
+        self.server.app = create_app(self.config, app_store, gitea, service=self.service)
         self.server.start()
         if hook:
             self.hook = self.forge.dev.add_hook(
@@ -329,3 +357,98 @@ def post_webhook(
     if signature is not None:
         headers["X-Gitea-Signature"] = signature
     return httpx.post(f"{url}/webhook", content=body, headers=headers, timeout=10)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServeProcess:
+    """``forgebottle serve`` as a real subprocess, configured by a TOML file and secret files."""
+
+    def __init__(
+        self,
+        forge: Forge,
+        home: Path,
+        *,
+        command: list[str] | None = None,
+        scripts: dict[str, str] | None = None,
+        extra_toml: str = "",
+    ) -> None:
+        self.forge = forge
+        self.home = home
+        self.state_dir = home / "state"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        (home / "token").write_text(forge.world.bot.token + "\n")
+        (home / "whsec").write_text(WEBHOOK_SECRET)
+        tools = self.state_dir / "tools"
+        tools.mkdir(parents=True, exist_ok=True)
+        agents = ""
+        for name, script in {**AGENTS, **(scripts or {})}.items():
+            (tools / f"{name}-agent").write_text(script)
+            agents += f'[agents.{name}]\ncommand = ["/bin/sh", "/opt/forgebottle/bin/{name}-agent"]\n'
+        self.config = home / "config.toml"
+        self.config.write_text(
+            f'[forge]\napi_url = "{forge.api}"\ntoken_file = "token"\nwebhook_secret_file = "whsec"\n'
+            f'org = "{forge.world.org}"\n[server]\nstate_dir = "{self.state_dir}"\n'
+            f'listen = "127.0.0.1:{self.port}"\n[watchdog]\ntimeout = "10m"\ninterval = "1s"\n'
+            f'[sidecar]\ndone_grace = "5s"\n{extra_toml}\n{agents}'
+        )
+        self.command = command or [sys.executable, str(ROOT / "forgebottle.py")]
+        self.log = home / "serve.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServeProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FORGE", "FORGEBOTTLE"))}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*self.command, "serve", "--config", str(self.config)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.home,
+            )
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout=60, what="serve to answer /healthz")
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains ``text``: how tests see that a process tree is gone."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and int(entry.name) != os.getpid():
+            found.append(int(entry.name))
+    return found
