@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -597,6 +598,7 @@ class Service:
         self._repos: dict[tuple[str, str], Repo] = {}
         self._admin: UnixServer | None = None
         self._idle = asyncio.Event()
+        self._stopping = False
         self.secrets = config.secrets()
 
     # -- start and stop ------------------------------------------------------------
@@ -624,6 +626,7 @@ class Service:
         await self.schedule()
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -1192,6 +1195,8 @@ class Service:
                 trigger, reason = Trigger.WATCHDOG, active.watchdog_reason
             elif active.signalled:
                 trigger, reason = Trigger.DONE, f"agent signalled {active.signalled[0]}: {active.signalled[1][:200]}"
+            elif self._stopping:
+                trigger, reason = Trigger.EXITED, "orchestrator stopped"
             else:
                 trigger, reason = Trigger.EXITED, f"agent exited with {code} without signal_done"
             state = self.store.by_slug(slug)
@@ -1758,6 +1763,10 @@ def main() -> None:
     """Gitea issues in, pull requests out, by sandboxed agents with an audit trail."""
 
 
+def _exit_cleanly(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
 def _serve_config(app: Starlette, listen: str) -> uvicorn.Config:
     where = parse_listen(listen)
     kwargs: dict[str, Any] = {"uds": where} if isinstance(where, str) else {"host": where[0], "port": where[1]}
@@ -1783,6 +1792,10 @@ def serve(config_file: str | None, insecure_no_webhook_secret: bool) -> None:
     service.check_sandbox()
     app = create_app(config, store, forge, service=service)
     server = uvicorn.Server(_serve_config(app, config.listen))
+    # uvicorn re-raises the signal that stopped it once it has shut down; make that a clean
+    # exit 0 (running bottles were frozen with "orchestrator stopped") rather than death by SIGTERM.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
     if isinstance(parse_listen(config.listen), str):
         # Read API over a socket: restrict it like admin.sock.
         old = os.umask(0o077)

@@ -452,3 +452,21 @@ def processes_mentioning(text: str) -> list[int]:
         if text in cmdline and int(entry.name) != os.getpid():
             found.append(int(entry.name))
     return found
+
+
+@pytest.fixture
+def serve_factory(forge: Forge, short_tmp: Path) -> Iterator[Callable[..., ServeProcess]]:
+    made: list[ServeProcess] = []
+
+    def make(**kwargs: Any) -> ServeProcess:
+        home = short_tmp / f"serve{len(made)}"
+        home.mkdir()
+        process = ServeProcess(forge, home, **kwargs)
+        made.append(process)
+        return process
+
+    yield make
+    for process in made:
+        if process.proc is not None and process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait(timeout=30)

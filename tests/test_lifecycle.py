@@ -1,0 +1,247 @@
+"""Runs end: done, exited, watchdog, timeout, destroy; the command backend; recovery after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from bottles import BottleSpec
+from statemachine import BottleState
+from store import Store
+from tests.conftest import ROOT, Forge, Rig, ServeProcess, needs_bwrap, processes_mentioning, read_when, wait_until
+
+pytestmark = needs_bwrap
+
+
+def status(store: Store, forge: Forge, issue: int) -> BottleState | None:
+    state = store.get(forge.owner, forge.repo, issue)
+    return state.status if state else None
+
+
+def cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORGE")}
+    env["FORGEBOTTLE_STATE_DIR"] = str(state_dir)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "forgebottle.py"), *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_exit_without_done_freezes_at_once(rig: Rig) -> None:
+    issue = rig.open_issue(agent="exit")
+    started = time.monotonic()
+    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    assert time.monotonic() - started < rig.config.watchdog_timeout
+    last = rig.store.transitions(state.slug)[-1]
+    assert (last["trigger"], last["reason"]) == ("exited", "agent exited with 3 without signal_done")
+    run = rig.store.runs(state.slug)[0]
+    assert (run["exit_code"], run["signalled_status"], run["watchdog_fired"]) == (3, None, 0)
+
+
+def test_watchdog_freezes_a_stalled_agent_and_kills_its_tree(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(watchdog_timeout=1.0, watchdog_interval=0.2).start()
+    issue = rig.open_issue(agent="sleep")
+    state = rig.wait_state(issue.number, BottleState.RUNNING)
+    wait_until(lambda: (rig.home(state.slug) / "started").exists(), what="the agent and its child")
+    marker = str(rig.state_dir / "bottles" / state.slug / "workspace")
+    assert processes_mentioning(marker)  # bwrap's command line names the workspace
+    began = time.monotonic()
+    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1, timeout=30)
+    assert time.monotonic() - began < 1.0 + 0.2 + 5  # timeout + interval + the stop's grace
+    last = rig.store.transitions(state.slug)[-1]
+    assert last["trigger"] == "watchdog" and "no sidecar call for" in last["reason"]
+    run = rig.store.runs(state.slug)[0]
+    assert run["watchdog_fired"] == 1 and run["signalled_status"] is None
+    wait_until(lambda: not processes_mentioning(marker), timeout=10, what="the process tree to be gone")
+
+
+def test_run_timeout_fires_the_watchdog(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(agent_timeout=1.0, watchdog_interval=0.2).start()
+    issue = rig.open_issue(agent="sleep")
+    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1, timeout=30)
+    last = rig.store.transitions(state.slug)[-1]
+    assert last["trigger"] == "watchdog" and "passed its timeout of 1s" in last["reason"]
+
+
+def test_orchestrate_start_resume_destroy_through_admin_socket(rig: Rig) -> None:
+    dev, world = rig.forge.dev, rig.forge.world
+    issue = dev.create_issue(rig.forge.owner, rig.forge.repo, title="By hand", body="b", user=world.outsider.login)
+    admin = rig.state_dir / "admin.sock"
+    assert stat.S_IMODE(admin.stat().st_mode) == 0o600
+    started = cli(
+        rig.state_dir,
+        "orchestrate",
+        "start",
+        "--repo",
+        f"{rig.forge.owner}/{rig.forge.repo}",
+        "--issue",
+        str(issue.number),
+        "--agent",
+        "turns",
+        "--prompt",
+        "OPERATOR-SAYS",
+    )
+    assert started.returncode == 0, started.stderr
+    slug = started.stdout.split()[0]
+    state = rig.wait_state(issue.number, BottleState.RUNNING)
+    assert state.slug == slug
+    again = cli(
+        rig.state_dir,
+        "orchestrate",
+        "start",
+        "--repo",
+        f"{rig.forge.owner}/{rig.forge.repo}",
+        "--issue",
+        str(issue.number),
+        "--agent",
+        "turns",
+    )
+    assert again.returncode == 1 and "already running" in again.stderr and "Traceback" not in again.stderr
+    assert "OPERATOR-SAYS" in read_when(rig.home(slug) / "prompt-1.md")
+    rig.go(slug, 1)
+    rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    resumed = cli(rig.state_dir, "orchestrate", "resume", "--slug", slug, "--prompt", "AGAIN-PLEASE")
+    assert resumed.returncode == 0, resumed.stderr
+    rig.wait_state(issue.number, BottleState.RUNNING, runs=2)
+    assert "AGAIN-PLEASE" in read_when(rig.home(slug) / "prompt-2.md")
+    assert rig.store.runs(slug)[1]["trigger"] == "orchestrate resume"
+    destroyed = cli(rig.state_dir, "orchestrate", "destroy", "--slug", slug)
+    assert destroyed.returncode == 0, destroyed.stderr
+    rig.wait_state(issue.number, BottleState.DESTROYED)
+    assert not (rig.state_dir / "bottles" / slug / "workspace").exists()
+    assert wait_until(lambda: not processes_mentioning(str(rig.state_dir / "bottles" / slug)), timeout=10)
+    assert [t["trigger"] for t in rig.store.transitions(slug)] == ["launch", "done", "rehydrate", "destroy"]
+    unknown = cli(rig.state_dir, "orchestrate", "destroy", "--slug", "no-such-bottle")
+    assert unknown.returncode == 1 and "no bottle" in unknown.stderr
+    hostile = cli(rig.state_dir, "orchestrate", "destroy", "--slug", "../../etc")
+    assert hostile.returncode == 1 and "invalid slug" in hostile.stderr
+
+
+def test_status_works_with_the_server_down(rig: Rig) -> None:
+    issue = rig.open_issue()
+    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    rig.server.stop()
+    table = cli(rig.state_dir, "orchestrate", "status")
+    assert table.returncode == 0
+    header, row = table.stdout.splitlines()[:2]
+    assert header.split()[:7] == ["SLUG", "STATE", "AGENT", "AGE", "CHECK-IN", "ISSUE", "PR"]
+    assert row.split()[:3] == [state.slug, "frozen", "happy"] and state.issue_url in row and state.pr_url in row
+    data = json.loads(cli(rig.state_dir, "orchestrate", "status", "--json").stdout)
+    assert [(b["slug"], b["status"], b["pr_number"]) for b in data] == [(state.slug, "frozen", state.pr_number)]
+    down = cli(rig.state_dir, "orchestrate", "resume", "--slug", state.slug, "--prompt", "x")
+    assert down.returncode == 1 and "not running" in down.stderr
+
+
+LAUNCHER = r"""#!/bin/sh
+# A stand-in for bot-bottle: records how it was called, then acts as the agent.
+record="$(dirname "$0")/launcher-$1.json"
+python3 - "$record" "$@" <<'PY'
+import json, os, sys
+json.dump({"argv": sys.argv[2:], "env": dict(os.environ)}, open(sys.argv[1], "w"))
+PY
+if [ "$1" = start ]; then
+  python3 "$FORGE_TOOL" whoami > /dev/null
+  python3 "$FORGE_TOOL" done success "launched by command backend"
+fi
+"""
+
+
+def test_command_backend_runs_the_launcher(rig_factory: Callable[..., Rig], short_tmp: Path) -> None:
+    launcher = short_tmp / "launcher.sh"
+    launcher.write_text(LAUNCHER)
+    launcher.chmod(0o755)
+    argv = [str(launcher), "{slug}", "{agent}", "{bottle}", "{prompt_file}", "{socket_dir}", "{workspace}"]
+    spec = BottleSpec(
+        "ext",
+        backend="command",
+        sandbox="none",
+        start=(str(launcher), "start", *argv[1:]),
+        destroy=(str(launcher), "destroy", *argv[1:]),
+    )
+    rig = rig_factory(bottles={"local": BottleSpec(), "ext": spec})
+    rig.agent_env = {"FORGE_TOOL": str(ROOT / "forge_client.py")}
+    rig.start()
+    issue = rig.open_issue(labels=["bot-bottle:happy", "bot-bottle-bottle:ext"])
+    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    assert (state.backend_name, state.bottle_names) == ("command", ("ext",))
+    call = json.loads((short_tmp / "launcher-start.json").read_text())
+    paths = rig.state_dir / "sidecars" / state.slug
+    assert call["argv"] == [
+        "start",
+        state.slug,
+        "happy",
+        "ext",
+        str(paths / "prompt.md"),
+        str(paths),
+        str(rig.state_dir / "bottles" / state.slug / "workspace"),
+    ]
+    env = call["env"]
+    assert env["FORGE_SIDECAR_SOCKET"] == str(paths / "forge.sock") and env["FORGE_BOTTLE_SLUG"] == state.slug
+    assert env["FORGE_ISSUE_NUMBER"] == str(issue.number) and env["FORGE_PR_NUMBER"] == ""
+    token = rig.forge.world.bot.token
+    assert token not in json.dumps(call)
+    assert rig.store.runs(state.slug)[0]["signalled_summary"] == "launched by command backend"
+    assert cli(rig.state_dir, "orchestrate", "destroy", "--slug", state.slug).returncode == 0
+    rig.wait_state(issue.number, BottleState.DESTROYED)
+    assert json.loads((short_tmp / "launcher-destroy.json").read_text())["argv"][1] == state.slug
+
+
+def test_kill_9_then_restart_processes_every_acknowledged_event_once(
+    forge: Forge, serve_factory: Callable[..., ServeProcess]
+) -> None:
+    serve = serve_factory().start()
+    forge.dev.add_hook(forge.owner, forge.repo, f"{serve.url}/webhook", "whsec-" + "5" * 24)
+    member = forge.world.member.login
+    running = forge.dev.create_issue(
+        forge.owner, forge.repo, title="runs", body="", user=member, labels=["bot-bottle:turns"], assignees=[member]
+    )
+    store = Store(serve.state_dir / "bot-bottle.db")
+    wait_until(lambda: status(store, forge, running.number) is BottleState.RUNNING, what="the first bottle to run")
+    # The forge goes down: new events are acknowledged and stored, but cannot be processed.
+    forge.dev.fault = lambda request: 503 if request.url.path.startswith("/api/") else None
+    later = [
+        forge.dev.create_issue(
+            forge.owner,
+            forge.repo,
+            title=f"later {n}",
+            body="",
+            user=member,
+            labels=["bot-bottle:happy"],
+            assignees=[member],
+        )
+        for n in range(3)
+    ]
+    deliveries = forge.dev.wait_deliveries()
+    acknowledged = [d for d in deliveries if d.status is not None and 200 <= d.status < 300]
+    assert len(acknowledged) == 4
+    wait_until(lambda: len(store.pending_events()) == 3, what="three stored, unprocessed events")
+    serve.kill9()
+    forge.dev.fault = None
+    serve.start()
+    first = store.get(forge.owner, forge.repo, running.number)
+    assert first is not None
+    wait_until(lambda: store.by_slug(first.slug).status is BottleState.FROZEN, what="recovery")  # type: ignore[union-attr]
+    assert store.transitions(first.slug)[-1]["reason"] == "orchestrator restarted"
+    assert not processes_mentioning(str(serve.state_dir / "bottles" / first.slug))
+    wait_until(
+        lambda: all(status(store, forge, i.number) is BottleState.FROZEN for i in later),
+        timeout=60,
+        what="the later issues' bottles to finish",
+    )
+    # Exactly once: each acknowledged launch event is done, and each issue has one bottle
+    # with one launch. (The agents' own comments and PRs send more, ignored, events.)
+    launches = [e for e in store.events(100) if e["event_type"] == "issues"]
+    assert [e["status"] for e in launches] == ["done"] * 4
+    assert len(store.all()) == 4
+    for state in store.all():
+        launches = [t for t in store.transitions(state.slug) if t["trigger"] == "launch"]
+        assert len(launches) == 1
+    assert httpx.get(f"{serve.url}/healthz").json()["status"] == "ok"
+    assert serve.stop() == 0
