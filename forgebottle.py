@@ -884,6 +884,8 @@ class Service:
                 issue_url=issue_url,
                 sandbox=spec.sandbox if spec.backend == "local" else "external",
                 queued_seq=self.store.next_queue_seq(db),
+                api_url=self.config.api_url,
+                org=self.config.org,
             )
             self.store.upsert(state, db)
             self.store.add_pending(slug, at=at, trigger=trigger, source=source, body=prompt, db=db)
@@ -1189,6 +1191,9 @@ class Service:
             with contextlib.suppress(FileNotFoundError):
                 active.ctx.paths.prompt.unlink()
             self.store.update_run(slug, active.run, ended_at=utcnow(), exit_code=code)
+            self.metrics.observe(
+                "forgebottle_run_seconds", "Agent run wall-clock duration", time.monotonic() - active.started
+            )
             if active.destroying:
                 return
             if active.watchdog_reason:
@@ -1362,7 +1367,9 @@ class _Access:
     async def signal_done(self, status: str, summary: str) -> None:
         await self.service.signal_done(self.active, status, summary)
 
-    def record(self, *, op: str, target: str, outcome: str, detail: str, duration_ms: float) -> None:
+    def record(
+        self, *, op: str, target: str, outcome: str, detail: str, duration_ms: float, code: int | None = None
+    ) -> None:
         service = self.service
         detail = redact(detail, service.secrets)
         self.active.last_call = time.monotonic()
@@ -1379,6 +1386,8 @@ class _Access:
         service.metrics.inc(
             "forgebottle_sidecar_calls_total", "Sidecar calls, by method and outcome", method=op, outcome=outcome
         )
+        if code == ForgeError.rpc_code:
+            service.metrics.inc("forgebottle_forge_errors_total", "Forge calls that failed", kind="sidecar")
         service.metrics.observe(
             "forgebottle_sidecar_call_seconds", "Sidecar call duration", duration_ms / 1000, method=op
         )
@@ -1478,11 +1487,11 @@ def provenance(store: Store, slug: str, *, api_url: str = "", org: str = "") -> 
         "bottles": list(state.bottle_names),
         "backend": state.backend_name,
         "sandbox": state.sandbox,
-        "org": org,
+        "org": state.org or org,
         "status": state.status.value,
         "forge": {
             "kind": "gitea",
-            "api_url": api_url,
+            "api_url": state.api_url or api_url,
             "owner": state.owner,
             "repo": state.repo,
             "issue": state.issue_number,

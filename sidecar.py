@@ -100,7 +100,9 @@ class BottleAccess(Protocol):
 
     async def signal_done(self, status: str, summary: str) -> None: ...
 
-    def record(self, *, op: str, target: str, outcome: str, detail: str, duration_ms: float) -> None: ...
+    def record(
+        self, *, op: str, target: str, outcome: str, detail: str, duration_ms: float, code: int | None = None
+    ) -> None: ...
 
 
 def check_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -235,7 +237,7 @@ class Dispatcher:
             detail = sentence(name, target, outcome, None, str(exc))
             if name == "invalid":
                 detail = f"rejected {str(method)[:64] if isinstance(method, str) else 'request'}: {exc}"
-            self._log(name, target, outcome, detail, _ms(started))
+            self._log(name, target, outcome, detail, _ms(started), code)
             data = None
             if isinstance(exc, PushRefused):
                 data = {"findings": [dataclasses.asdict(f) for f in exc.findings]}
@@ -282,8 +284,10 @@ class Dispatcher:
             return {"acknowledged": True}
         raise RpcError(METHOD_NOT_FOUND, f"unknown method {method!r}")
 
-    def _log(self, op: str, target: str, outcome: str, detail: str, duration_ms: float) -> None:
-        self.access.record(op=op, target=target, outcome=outcome, detail=detail, duration_ms=duration_ms)
+    def _log(
+        self, op: str, target: str, outcome: str, detail: str, duration_ms: float, code: int | None = None
+    ) -> None:
+        self.access.record(op=op, target=target, outcome=outcome, detail=detail, duration_ms=duration_ms, code=code)
 
 
 def _ms(started: float) -> float:

@@ -115,6 +115,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX pending_slug ON pending_prompts (slug, id);
     """,
+    # 2: provenance names the forge and org the bottle was made under, not today's config.
+    """
+    ALTER TABLE forge_state ADD COLUMN api_url TEXT NOT NULL DEFAULT '';
+    ALTER TABLE forge_state ADD COLUMN org TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 
@@ -145,6 +150,8 @@ class ForgeState:
     chain_head: str = ""
     op_count: int = 0
     queued_seq: int = 0
+    api_url: str = ""
+    org: str = ""
 
     def as_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -165,3 +165,20 @@ def test_pending_prompts_keep_order(store: Store) -> None:
     for n in range(3):
         store.add_pending("acme-widgets-17", at="t", trigger="issue_comment", source=f"c{n}", body=f"body {n}")
     assert [p["body"] for p in store.pending("acme-widgets-17")] == ["body 0", "body 1", "body 2"]
+
+
+def test_migrates_forward_from_version_1(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        for statement in MIGRATIONS[0].split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute("PRAGMA user_version = 1")
+        db.execute(
+            "INSERT INTO forge_state (owner, repo, issue_number, slug, agent_name, status, created_at, "
+            "updated_at) VALUES ('o', 'r', 1, 'o-r-1', 'a', 'frozen', 't', 't')"
+        )
+    store = Store(path)
+    assert store.version == len(MIGRATIONS)
+    old = store.by_slug("o-r-1")
+    assert old is not None and old.status is BottleState.FROZEN and (old.api_url, old.org) == ("", "")
