@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -29,16 +30,19 @@ import os
 import queue
 import re
 import secrets
+import socket
 import subprocess
 import tempfile
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import httpx
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -1241,6 +1245,61 @@ def _git_out(
         ["git", *args], check=check, env=dict(env or _git_env()), input=stdin, capture_output=True, timeout=60
     )
     return proc.stdout.decode().strip() if proc.returncode == 0 else ""
+
+
+def loopback_socket() -> socket.socket:
+    """A TCP socket bound to a free port on 127.0.0.1 (not yet listening)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class _NoSignals(uvicorn.Server):
+    # Only a process's main server may own SIGINT/SIGTERM.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class ServerThread:
+    """An ASGI app on 127.0.0.1:<free port>, in a thread with its own event loop.
+
+    For tests, benchmarks and the demo. The port is bound at once; the app may be given
+    later, up to ``start()``.
+    """
+
+    def __init__(self, app: Any = None) -> None:
+        self.sock = loopback_socket()
+        self.port: int = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+        self.server: uvicorn.Server | None = None
+        self.thread = threading.Thread(target=self._run, name=f"server:{self.port}", daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        assert self.server is not None
+        try:
+            asyncio.run(self.server.serve(sockets=[self.sock]))
+        except BaseException as exc:  # surfaced by start()
+            self.error = exc
+
+    def start(self, timeout: float = 30.0) -> ServerThread:
+        self.server = server = _NoSignals(uvicorn.Config(self.app, log_config=None, access_log=False))
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started and self.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if not server.started:
+            raise RuntimeError(f"server did not start: {self.error!r}")
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
 
 
 @dataclasses.dataclass

@@ -22,14 +22,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
-import threading
 import time
 import tomllib
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qs
@@ -71,7 +69,7 @@ from gitea import (
     User,
     branch_for,
 )
-from sidecar import WRITES, UnixServer, read_bounded, sidecar_app
+from sidecar import WRITES, QuietServer, UnixServer, read_bounded, sidecar_app
 from statemachine import (
     Bottle,
     BottleState,
@@ -2052,19 +2050,6 @@ fi
 """
 
 
-class _DemoServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _free_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
 @main.command()
 @click.option("--keep", is_flag=True, help="Keep the temporary state directory.")
 @edge
@@ -2103,13 +2088,13 @@ async def run_demo(root: Path, echo: Callable[[str], None]) -> int:
     def step(text: str) -> None:
         echo(f"[{time.monotonic() - t0:5.1f}s] {text}")
 
-    forge_sock, serve_sock = _free_socket(), _free_socket()
-    forge_url = f"http://127.0.0.1:{forge_sock.getsockname()[1]}/"
+    forge_thread = df.ServerThread()
+    forge_url = forge_thread.url + "/"
+    serve_sock = df.loopback_socket()
     serve_port = serve_sock.getsockname()[1]
     dev = df.DevForge(root / "forge", base_url=forge_url)
     world = df.seed(dev)
-    forge_server = _DemoServer(uvicorn.Config(dev.app, log_config=None, access_log=False))
-    forge_thread = threading.Thread(target=forge_server.run, kwargs={"sockets": [forge_sock]}, daemon=True)
+    forge_thread.app = dev.app
     forge_thread.start()
     step(f"devforge up at {forge_url} with org {world.org}, repo {world.owner}/{world.repo}, bot {world.bot.login}")
 
@@ -2139,7 +2124,7 @@ async def run_demo(root: Path, echo: Callable[[str], None]) -> int:
     gitea = Gitea(config.api_url, config.token.reveal())
     service = Service(config, store, gitea)
     app = create_app(config, store, gitea, service=service)
-    server = _DemoServer(uvicorn.Config(app, log_config=None, access_log=False))
+    server = QuietServer(uvicorn.Config(app, log_config=None, access_log=False))
     serve_task = asyncio.create_task(server.serve(sockets=[serve_sock]))
     await _until(lambda: server.started or serve_task.done(), "serve to start")
     if serve_task.done():
@@ -2217,8 +2202,7 @@ async def run_demo(root: Path, echo: Callable[[str], None]) -> int:
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await serve_task
-        forge_server.should_exit = True
-        forge_thread.join(timeout=5)
+        forge_thread.stop()
         dev.close()
         store.close()
 

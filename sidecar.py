@@ -341,7 +341,7 @@ def sidecar_app(access: BottleAccess) -> Starlette:
 # -- serving an ASGI app on a Unix socket inside the service's event loop -------------------
 
 
-class _QuietServer(uvicorn.Server):
+class QuietServer(uvicorn.Server):
     # The service's own uvicorn server owns SIGINT/SIGTERM; a second server capturing them
     # would swallow the service's shutdown.
     @contextlib.contextmanager
@@ -356,7 +356,7 @@ class UnixServer:
         self.path = path
         self.app = app
         self.limit_concurrency = limit_concurrency
-        self._server: _QuietServer | None = None
+        self._server: QuietServer | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -378,7 +378,7 @@ class UnixServer:
             limit_concurrency=self.limit_concurrency,
             h11_max_incomplete_event_size=64 * 1024,
         )
-        self._server = _QuietServer(config)
+        self._server = QuietServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name=f"unix:{self.path}")
         while not self._server.started:
             if self._task.done():

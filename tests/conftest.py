@@ -6,8 +6,6 @@ webhooks from devforge, the sidecar socket) and read the SQLite file it writes.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import os
 import shutil
@@ -16,7 +14,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,10 +21,10 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 import pytest
-import uvicorn
 
 import devforge as df
 from bottles import AgentSpec, BottleSpec, find_bwrap
+from devforge import ServerThread
 from forgebottle import Config, Service, create_app
 from gitea import Gitea, Secret
 from statemachine import BottleState
@@ -50,51 +47,6 @@ def wait_until(predicate: Callable[[], T], *, timeout: float = 30.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
-
-
-class _ThreadServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-class ServerThread:
-    """An ASGI app on 127.0.0.1:<free port>, in a thread with its own event loop.
-
-    The port is bound at once; the app may be given later, up to ``start()``.
-    """
-
-    def __init__(self, app: Any = None) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port: int = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.app = app
-        self.server: _ThreadServer | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.error: BaseException | None = None
-
-    def _run(self) -> None:
-        assert self.server is not None
-        try:
-            asyncio.run(self.server.serve(sockets=[self.sock]))
-        except BaseException as exc:  # surfaced by start()
-            self.error = exc
-
-    def start(self) -> ServerThread:
-        self.server = server = _ThreadServer(uvicorn.Config(self.app, log_config=None, access_log=False))
-        self.thread.start()
-        wait_until(lambda: server.started or not self.thread.is_alive(), timeout=30, what="server start")
-        if not server.started:
-            raise RuntimeError(f"server did not start: {self.error!r}")
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.should_exit = True
-        if self.thread.is_alive():
-            self.thread.join(timeout=30)
 
 
 @dataclasses.dataclass
