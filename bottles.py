@@ -4,9 +4,10 @@ Trust boundary. The agent controls everything in its workspace, ``.git`` include
 ``core.fsmonitor``, ``url.*.insteadOf``, ``http.proxy``... Running git on the host in that
 directory with the token in reach would hand the token to the agent. So the host never does:
 
-* each bottle has a **mirror** (``mirror.git``) only forgebottle writes; it talks to the forge,
-  with the token given to that one git process through ``GIT_CONFIG_*`` environment variables;
-* the workspace is filled from the mirror before the agent first runs;
+* forgebottle clones the workspace from the forge into a fresh directory before the agent
+  first runs, the token given to that one git process through ``GIT_CONFIG_*`` variables;
+* each bottle has a **mirror** (``mirror.git``), made at the first push, that only forgebottle
+  writes and the only repository it runs git in once the agent has run;
 * to push, ``git bundle`` runs *inside the sandbox* (no network, no token) and writes a bundle
   file; the mirror fetches that file (a pack, verified with fsck), scans the change for secrets,
   and pushes the commit to ``bot-bottle/issue-<N>``.
@@ -427,42 +428,65 @@ class Backend(abc.ABC):
     name: str
 
     async def prepare(self, ctx: BottleContext) -> None:
-        """Create the mirror and the workspace on first launch; no-op when they exist."""
+        """Create the bottle's directories and clone the workspace on first launch."""
         paths = ctx.paths
         for directory in (paths.root, paths.home, paths.sidecar_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.chmod(directory, 0o700)
-        auth = (ctx.git_user, ctx.token)
-        redact = [ctx.token.reveal()]
-        if not (paths.mirror / "HEAD").exists():
-            await run_git(["init", "-q", "--bare", str(paths.mirror)])
-            for key, value in (
-                ("remote.origin.url", ctx.clone_url),
-                ("remote.origin.fetch", "+refs/heads/*:refs/remotes/origin/*"),
-                ("fetch.fsckObjects", "true"),
-                ("transfer.fsckObjects", "true"),
-            ):
-                await run_git(["-C", str(paths.mirror), "config", key, value])
-        await run_git(["-C", str(paths.mirror), "fetch", "-q", "--prune", "origin"], auth=auth, redact=redact)
         if (paths.workspace / ".git").exists():
             return
         ws = str(paths.workspace)
-        await run_git(["init", "-q", f"--initial-branch={ctx.branch}", ws])
+        # A fresh directory no agent has touched yet: safe to clone into with the token
+        # (given to this one process; the workspace's config never holds it).
         await run_git(
-            ["-C", ws, "fetch", "-q", "--no-tags", str(paths.mirror), "+refs/remotes/origin/*:refs/remotes/origin/*"]
+            [
+                "clone",
+                "-q",
+                "--no-tags",
+                "-c",
+                f"user.name={ctx.git_user}",
+                "-c",
+                f"user.email={ctx.git_user}@users.noreply.forgebottle",
+                ctx.clone_url,
+                ws,
+            ],
+            auth=(ctx.git_user, ctx.token),
+            redact=[ctx.token.reveal()],
         )
-        remote_branch = await run_git(
+        existing = await run_git(
             ["-C", ws, "rev-parse", "--verify", "-q", f"refs/remotes/origin/{ctx.branch}"], check=False
         )
-        start = f"origin/{ctx.branch}" if remote_branch else f"origin/{ctx.default_branch}"
-        await run_git(["-C", ws, "reset", "-q", "--hard", start])
-        for key, value in (
-            ("remote.origin.url", ctx.clone_url),
-            ("remote.origin.fetch", "+refs/heads/*:refs/remotes/origin/*"),
-            ("user.name", ctx.git_user),
-            ("user.email", f"{ctx.git_user}@users.noreply.forgebottle"),
-        ):
-            await run_git(["-C", ws, "config", key, value])
+        if existing:
+            await run_git(["-C", ws, "checkout", "-q", "-b", ctx.branch, f"origin/{ctx.branch}"])
+        else:
+            await run_git(["-C", ws, "checkout", "-q", "-b", ctx.branch])
+
+    async def sync_mirror(self, ctx: BottleContext) -> str:
+        """Create or refresh the bottle's mirror; its refs/heads are the forge's branches now."""
+        auth = (ctx.git_user, ctx.token)
+        redact = [ctx.token.reveal()]
+        mirror = str(ctx.paths.mirror)
+        if not (ctx.paths.mirror / "HEAD").exists():
+            await run_git(
+                [
+                    "clone",
+                    "-q",
+                    "--bare",
+                    "--no-tags",
+                    "-c",
+                    "fetch.fsckObjects=true",
+                    "-c",
+                    "transfer.fsckObjects=true",
+                    ctx.clone_url,
+                    mirror,
+                ],
+                auth=auth,
+                redact=redact,
+            )
+            await run_git(["-C", mirror, "config", "remote.origin.fetch", "+refs/heads/*:refs/heads/*"])
+        else:
+            await run_git(["-C", mirror, "fetch", "-q", "--prune", "origin"], auth=auth, redact=redact)
+        return mirror
 
     @abc.abstractmethod
     async def start(self, ctx: BottleContext, *, prompt: str, run: int, resume: bool) -> RunHandle: ...
@@ -528,10 +552,9 @@ class Backend(abc.ABC):
         return sha, bundle if bundle.exists() and bundle.stat().st_size > 0 else None
 
     async def push(self, ctx: BottleContext, *, forbidden: Sequence[str]) -> PushResult:
-        mirror = str(ctx.paths.mirror)
         auth = (ctx.git_user, ctx.token)
         redact = [ctx.token.reveal()]
-        await run_git(["-C", mirror, "fetch", "-q", "--prune", "origin"], auth=auth, redact=redact)
+        mirror = await self.sync_mirror(ctx)
         sha, bundle = await self.bundle(ctx)
         if not await _git_ok(["-C", mirror, "cat-file", "-e", f"{sha}^{{commit}}"]):
             if bundle is None:
@@ -543,15 +566,13 @@ class Backend(abc.ABC):
             if fetched != sha:
                 raise PushFailed("the bundle does not hold the workspace HEAD")
         base = await run_git(
-            ["-C", mirror, "rev-parse", "--verify", "-q", f"refs/remotes/origin/{ctx.default_branch}"], check=False
+            ["-C", mirror, "rev-parse", "--verify", "-q", f"refs/heads/{ctx.default_branch}"], check=False
         )
         findings, scanned = await asyncio.to_thread(scan_change, ctx.paths.mirror, base, sha, list(forbidden))
         if findings:
             where = ", ".join(str(f) for f in findings[:5])
             raise PushRefused(f"secret found in {where}; nothing was pushed", findings)
-        remote = await run_git(
-            ["-C", mirror, "rev-parse", "--verify", "-q", f"refs/remotes/origin/{ctx.branch}"], check=False
-        )
+        remote = await run_git(["-C", mirror, "rev-parse", "--verify", "-q", f"refs/heads/{ctx.branch}"], check=False)
         if remote == sha:
             return PushResult(ctx.branch, sha, scanned, pushed=False)
         lease = f"--force-with-lease=refs/heads/{ctx.branch}:{remote}"

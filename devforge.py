@@ -1249,7 +1249,10 @@ def _git_out(
 
 def loopback_socket() -> socket.socket:
     """A TCP socket bound to a free port on 127.0.0.1 (not yet listening)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto must say TCP: asyncio sets TCP_NODELAY on accepted connections only when the
+    # listening socket's proto is IPPROTO_TCP, and without it Nagle plus delayed ACKs add
+    # 40 ms to every keep-alive response.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     return sock

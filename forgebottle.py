@@ -77,7 +77,7 @@ from statemachine import (
     Trigger,
     fire,
 )
-from store import ForgeState, InboxEvent, Store, verify_chain
+from store import ForgeState, InboxEvent, NewEvent, Store, verify_chain
 
 __version__ = "0.1.0"
 
@@ -103,6 +103,8 @@ ENV_CONFIG = "FORGEBOTTLE_CONFIG"
 MAX_WEBHOOK_BYTES = 1024 * 1024
 MAX_PROMPT_BYTES = 96 * 1024  # one argv element may hold 128 KiB
 MAX_PROMPT_PART = 32 * 1024
+INTAKE_QUIET = 0.02  # the worker waits until no webhook arrived for this long...
+MAX_DEFERRAL = 2.0  # ...but never longer than this before it decides the next event
 
 _TOP_KEYS = {"forge", "watchdog", "server", "sidecar", "agents", "bottles"}
 _SECTION_KEYS = {
@@ -444,6 +446,8 @@ def setup_logging(secrets: Sequence[str], level: int = logging.INFO, stream: Any
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # Every sidecar is a uvicorn server; its start/stop chatter would drown the log.
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -526,6 +530,48 @@ def utcnow() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
+# What forgebottle acts on (DESIGN.md §4), by X-Gitea-Event-Type and action. Anything else is
+# ignored from the payload alone, at intake, without waking the worker.
+ACTIONS: dict[str, frozenset[str]] = {
+    "issues": frozenset({"opened", "reopened", "edited"}),
+    "issue_assign": frozenset({"assigned"}),
+    "issue_label": frozenset({"label_updated"}),
+    "issue_comment": frozenset({"created"}),
+    "pull_request_comment": frozenset({"created"}),
+    "pull_request_review_approved": frozenset({"reviewed"}),
+    "pull_request_review_rejected": frozenset({"reviewed"}),
+    "pull_request_review_comment": frozenset({"reviewed"}),
+    "pull_request": frozenset({"opened", "closed"}),
+}
+
+
+def triage(event_type: str, payload: Mapping[str, Any]) -> str | None:
+    """Why this event can be ignored without looking further, or None if it needs deciding."""
+    actions = ACTIONS.get(event_type)
+    if actions is None:
+        return f"event type {event_type!r} is not one forgebottle acts on"
+    action = payload.get("action")
+    if action not in actions:
+        return f"{event_type} action {str(action)[:64]!r} is not one forgebottle acts on"
+    return None
+
+
+def _obj(data: Any, key: str) -> dict[str, Any]:
+    """``data[key]`` if both are JSON objects, else {}: payloads are untrusted input."""
+    value = data.get(key) if isinstance(data, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+def _text(data: Any, key: str) -> str:
+    value = data.get(key) if isinstance(data, dict) else None
+    return value if isinstance(value, str) else ""
+
+
+def _number(data: Any, key: str) -> int:
+    value = data.get(key) if isinstance(data, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31 else 0
+
+
 @dataclasses.dataclass
 class Decision:
     """What one webhook event comes to. ``apply`` writes its effects in the event's transaction."""
@@ -597,6 +643,9 @@ class Service:
         self._admin: UnixServer | None = None
         self._idle = asyncio.Event()
         self._stopping = False
+        self._intake: list[tuple[NewEvent, asyncio.Future[tuple[int, bool]]]] = []
+        self._committer: asyncio.Task[None] | None = None
+        self._last_intake = 0.0
         self.secrets = config.secrets()
 
     # -- start and stop ------------------------------------------------------------
@@ -617,6 +666,13 @@ class Service:
         await self.recover()
         self._admin = UnixServer(admin_app(self), self.config.admin_socket, limit_concurrency=16)
         await self._admin.start()
+        log.info(
+            "forgebottle %s serving; state in %s; forge %s; org %s",
+            __version__,
+            self.config.state_dir,
+            self.config.api_url,
+            self.config.org,
+        )
         self._tasks = [
             asyncio.create_task(self._worker(), name="webhook-worker"),
             asyncio.create_task(self._watchdog(), name="watchdog"),
@@ -657,14 +713,47 @@ class Service:
 
     # -- webhook intake (called by the HTTP handler, before the answer) -------------
 
-    def accept(self, *, delivery: str, event_type: str, body: bytes) -> tuple[int, bool]:
-        event_id, new = self.store.add_event(received_at=utcnow(), delivery=delivery, event_type=event_type, body=body)
-        self.metrics.inc(
-            "forgebottle_webhooks_total", "Webhooks received, by outcome", outcome="queued" if new else "replay"
-        )
-        if new:
+    async def accept(
+        self, *, delivery: str, event_type: str, body: bytes, ignore: str | None = None
+    ) -> tuple[int, bool]:
+        """Store a webhook durably; returns (event id, is new) once it is on disk.
+
+        Group commit: webhooks that arrive while a commit is in flight wait for the next one
+        and share its transaction and fsync, so intake scales with concurrency, not fsyncs.
+        """
+        self._last_intake = time.monotonic()
+        future: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
+        self._intake.append((NewEvent(utcnow(), delivery, event_type, body, ignore or ""), future))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_intake(), name="intake-commit")
+        event_id, new = await future
+        outcome = "replay" if not new else "ignored" if ignore else "queued"
+        self.metrics.inc("forgebottle_webhooks_total", "Webhooks received, by outcome", outcome=outcome)
+        if new and ignore:
+            log.info(
+                "event %d %s: %s",
+                event_id,
+                event_type,
+                ignore,
+                extra={"event_id": event_id, "event": event_type, "status": "ignored", "reason": ignore},
+            )
+        elif new:
             self._wake.set()
         return event_id, new
+
+    async def _commit_intake(self) -> None:
+        while self._intake:
+            batch, self._intake = self._intake, []
+            try:
+                results = await asyncio.to_thread(self.store.add_events, [event for event, _ in batch])
+            except Exception as exc:  # the edge of intake: every waiter gets the failure, none hangs
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
 
     # -- the worker: events in arrival order -------------------------------------
 
@@ -680,8 +769,7 @@ class Service:
                     await asyncio.sleep(5)
                     continue
             events = self.store.pending_events()
-            for event in events:
-                await self.process(event)
+            await self.process_batch(events)
             if not events:
                 self._idle.set()
                 await self._wake.wait()
@@ -693,15 +781,47 @@ class Service:
             self._wake.set()
             await asyncio.sleep(0.01)
 
-    async def process(self, event: InboxEvent) -> None:
+    async def process_batch(self, events: Sequence[InboxEvent]) -> None:
+        """Decide events in arrival order. Plain ignores are finished together, in one
+        transaction, flushed before any decision with effects (so no decision reads state an
+        earlier one has not yet written)."""
+        quiet: list[tuple[InboxEvent, Decision, str]] = []
+        for event in events:
+            if len(events) > 1:  # a backlog: a burst may still be arriving
+                await self._defer_to_intake()
+            outcome = await self._decide_or_fail(event)
+            if outcome is None:
+                break  # the forge is unavailable: retry this event (and those after it) later
+            decision, status = outcome
+            if decision.apply is None and decision.destroy is None:
+                quiet.append((event, decision, status))
+                continue
+            self._finish(quiet)
+            quiet = []
+            if decision.destroy:
+                await self.destroy(decision.destroy, decision.reason, event=event)
+            else:
+                self._finish([(event, decision, status)])
+            await self.schedule()
+        self._finish(quiet)
+
+    async def _defer_to_intake(self) -> None:
+        """Let a burst of webhooks in first: Gitea gives each delivery 5 s and never retries,
+        while stored events can wait. Deferral is bounded, so processing never starves."""
+        deferred = 0.0
+        while time.monotonic() - self._last_intake < INTAKE_QUIET and deferred < MAX_DEFERRAL:
+            await asyncio.sleep(INTAKE_QUIET)
+            deferred += INTAKE_QUIET
+        await asyncio.sleep(0)
+
+    async def _decide_or_fail(self, event: InboxEvent) -> tuple[Decision, str] | None:
         try:
             decision = await self.decide(event)
         except ForgeUnavailable as exc:
             attempts = self.store.bump_attempts(event.id, str(exc))
             self.metrics.inc("forgebottle_forge_errors_total", "Forge calls that failed", kind="unavailable")
             if attempts >= self.config.event_retries:
-                self._finish(event, Decision("ignored", f"failed after {attempts} attempts: {exc}"), "failed")
-                return
+                return Decision("ignored", f"failed after {attempts} attempts: {exc}"), "failed"
             delay = min(30.0, 0.5 * 2**attempts)
             log.warning(
                 "event %d: forge unavailable, retry %d in %.1fs: %s",
@@ -712,73 +832,63 @@ class Service:
                 extra={"event_id": event.id},
             )
             await asyncio.sleep(delay)
-            return
+            return None
         except ForgeError as exc:
             self.metrics.inc("forgebottle_forge_errors_total", "Forge calls that failed", kind="error")
-            self._finish(event, Decision("ignored", f"forge error: {exc}"), "failed")
-            return
-        if decision.destroy:
-            await self.destroy(decision.destroy, decision.reason, event=event)
-        else:
-            self._finish(event, decision, decision.status)
-        await self.schedule()
+            return Decision("ignored", f"forge error: {exc}"), "failed"
+        return decision, decision.status
 
-    def _finish(self, event: InboxEvent, decision: Decision, status: str) -> None:
+    def _finish(self, finished: Sequence[tuple[InboxEvent, Decision, str]]) -> None:
+        if not finished:
+            return
+        at = utcnow()
         with self.store.transaction() as db:
-            if decision.apply is not None:
-                decision.apply(db)
-            self.store.finish_event(
-                event.id, status=status, reason=decision.reason, slug=decision.slug, at=utcnow(), db=db
+            for event, decision, status in finished:
+                if decision.apply is not None:
+                    decision.apply(db)
+                self.store.finish_event(
+                    event.id, status=status, reason=decision.reason, slug=decision.slug, at=at, db=db
+                )
+        for event, decision, status in finished:
+            self.metrics.inc("forgebottle_webhooks_total", "Webhooks received, by outcome", outcome=status)
+            log.info(
+                "event %d %s: %s",
+                event.id,
+                event.event_type,
+                decision.reason,
+                extra={
+                    "event_id": event.id,
+                    "event": event.event_type,
+                    "status": status,
+                    "slug": decision.slug,
+                    "reason": decision.reason,
+                },
             )
-        self.metrics.inc("forgebottle_webhooks_total", "Webhooks received, by outcome", outcome=status)
-        log.info(
-            "event %d %s: %s",
-            event.id,
-            event.event_type,
-            decision.reason,
-            extra={
-                "event_id": event.id,
-                "event": event.event_type,
-                "status": status,
-                "slug": decision.slug,
-                "reason": decision.reason,
-            },
-        )
 
     async def decide(self, event: InboxEvent) -> Decision:
         try:
             payload = json.loads(event.body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return ignored("body is not JSON")
         if not isinstance(payload, dict):
             return ignored("payload is not an object")
-        repo = payload.get("repository") or {}
-        owner = str(((repo.get("owner") or {}) if isinstance(repo.get("owner"), dict) else {}).get("login") or "")
-        name = str(repo.get("name") or "")
+        reason = triage(event.event_type, payload)
+        if reason is not None:
+            return ignored(reason)
+        repo = _obj(payload, "repository")
+        owner, name = _text(_obj(repo, "owner"), "login"), _text(repo, "name")
         if not owner or not name:
             return ignored("payload names no repository")
-        sender = str((payload.get("sender") or {}).get("login") or "")
-        action = str(payload.get("action") or "")
+        sender = _text(_obj(payload, "sender"), "login")
         kind = event.event_type
         if kind in ("issues", "issue_assign", "issue_label"):
-            return await self._on_issue(kind, action, owner, name, payload, sender)
-        if kind in ("issue_comment", "pull_request_comment") or kind.startswith("pull_request_review_"):
-            return await self._on_comment(kind, action, owner, name, payload, sender)
+            return await self._on_issue(kind, owner, name, payload, sender)
         if kind == "pull_request":
-            return self._on_pull_request(action, owner, name, payload)
-        return ignored(f"event type {kind!r} is not one forgebottle acts on")
+            return self._on_pull_request(_text(payload, "action"), owner, name, payload)
+        return await self._on_comment(kind, owner, name, payload, sender)
 
-    async def _on_issue(
-        self, kind: str, action: str, owner: str, repo: str, payload: dict[str, Any], sender: str
-    ) -> Decision:
-        wanted = {
-            "issues": ("opened", "reopened", "edited"),
-            "issue_assign": ("assigned",),
-            "issue_label": ("label_updated",),
-        }[kind]
-        if action not in wanted:
-            return ignored(f"{kind} action {action!r} does not launch")
-        number = int((payload.get("issue") or {}).get("number") or payload.get("number") or 0)
+    async def _on_issue(self, kind: str, owner: str, repo: str, payload: dict[str, Any], sender: str) -> Decision:
+        number = _number(_obj(payload, "issue"), "number") or _number(payload, "number")
         if number <= 0:
             return ignored("payload names no issue")
         if self.bot and sender.lower() == self.bot.login.lower():
@@ -804,11 +914,15 @@ class Service:
         existing = self.store.get(owner, repo, number)
         if existing is not None and existing.status.live:
             return ignored(f"bottle {existing.slug} is already {existing.status.value}", existing.slug)
-        members = [a for a in issue.assignees if await self._is_member(a)]
+        # Membership and the prompt snapshot are independent reads: make them together.
+        flags, prompt = await asyncio.gather(
+            asyncio.gather(*(self._is_member(a) for a in issue.assignees)),
+            self._snapshot(owner, repo, number, issue.title, issue.body),
+        )
+        members = [a for a, member in zip(issue.assignees, flags, strict=True) if member]
         if not members:
             who = ", ".join(issue.assignees) or "nobody"
             return ignored(f"issue #{number} is assigned to {who}; none is a member of {self.config.org}")
-        prompt = await self._snapshot(owner, repo, number, issue.title, issue.body)
         return self._create(
             owner,
             repo,
@@ -827,11 +941,11 @@ class Service:
     async def _snapshot(self, owner: str, repo: str, number: int, title: str, body: str) -> str:
         """The trusted prompt: title, body, and comments by org members only."""
         parts = [f"# {title}", "", _cap(body)]
-        trusted: dict[str, bool] = {}
+        found = await self.forge.read_comments(owner, repo, number)
+        authors = sorted({c.user for c in found})
+        trusted = dict(zip(authors, await asyncio.gather(*(self._is_member(a) for a in authors)), strict=True))
         comments = []
-        for comment in await self.forge.read_comments(owner, repo, number):
-            if comment.user not in trusted:
-                trusted[comment.user] = await self._is_member(comment.user)
+        for comment in found:
             if trusted[comment.user]:
                 comments.append(f"### Comment by @{comment.user} ({comment.created_at})\n\n{_cap(comment.body)}")
         if comments:
@@ -898,21 +1012,18 @@ class Service:
         decision.apply = apply_and_name
         return decision
 
-    async def _on_comment(
-        self, kind: str, action: str, owner: str, repo: str, payload: dict[str, Any], sender: str
-    ) -> Decision:
-        review = kind.startswith("pull_request_review_")
-        if action != ("reviewed" if review else "created"):
-            return ignored(f"{kind} action {action!r} does not rehydrate")
-        if review:
-            number = int((payload.get("pull_request") or {}).get("number") or 0)
-            body = str((payload.get("review") or {}).get("content") or "")
+    async def _on_comment(self, kind: str, owner: str, repo: str, payload: dict[str, Any], sender: str) -> Decision:
+        if kind.startswith("pull_request_review_"):
+            number = _number(_obj(payload, "pull_request"), "number")
+            body = _text(_obj(payload, "review"), "content")
             comment_id = ""
         else:
-            number = int((payload.get("issue") or {}).get("number") or 0)
-            comment = payload.get("comment") or {}
-            body = str(comment.get("body") or "")
-            comment_id = str(comment.get("id") or "")
+            number = _number(_obj(payload, "issue"), "number")
+            comment = _obj(payload, "comment")
+            body = _text(comment, "body")
+            comment_id = str(_number(comment, "id") or "")
+        if number <= 0:
+            return ignored("payload names no issue or pull request")
         state = self.store.by_pr(owner, repo, number) or self.store.get(owner, repo, number)
         if state is None or not state.status.live:
             return ignored(f"no live bottle for #{number}")
@@ -958,10 +1069,12 @@ class Service:
             return False
 
     def _on_pull_request(self, action: str, owner: str, repo: str, payload: dict[str, Any]) -> Decision:
-        pr = payload.get("pull_request") or {}
-        number = int(pr.get("number") or payload.get("number") or 0)
+        pr = _obj(payload, "pull_request")
+        number = _number(pr, "number") or _number(payload, "number")
+        if number <= 0:
+            return ignored("payload names no pull request")
         if action == "opened":
-            head = str((pr.get("head") or {}).get("ref") or "")
+            head = _text(_obj(pr, "head"), "ref")
             match = re.fullmatch(r"bot-bottle/issue-(\d+)", head)
             if not match:
                 return ignored(f"pull request #{number} is not from a bot-bottle branch")
@@ -970,7 +1083,7 @@ class Service:
                 return ignored(f"no live bottle for branch {head}")
             if state.pr_number == number:
                 return ignored(f"pull request #{number} is already linked to {state.slug}", state.slug)
-            url, slug = str(pr.get("html_url") or ""), state.slug
+            url, slug = _text(pr, "html_url"), state.slug
 
             def apply(db: Any) -> None:
                 self.store.set_fields(slug, db, pr_number=number, pr_url=url)
@@ -980,9 +1093,9 @@ class Service:
             state = self.store.by_pr(owner, repo, number)
             if state is None or not state.status.live:
                 return ignored(f"no live bottle for pull request #{number}")
-            how = "merged" if pr.get("merged") else "closed"
+            how = "merged" if pr.get("merged") is True else "closed"
             return Decision("done", f"pull request #{number} {how}", state.slug, destroy=state.slug)
-        return ignored(f"pull_request action {action!r} is not one forgebottle acts on")
+        return ignored(f"pull_request action {action!r} is not one forgebottle acts on")  # (triage stops these)
 
     # -- orchestrate (admin socket) ------------------------------------------------
 
@@ -1144,9 +1257,6 @@ class Service:
 
     async def _spawn(self, ctx: BottleContext, state: ForgeState, prompt: str, n: int, *, resume: bool) -> ActiveRun:
         backend = self.backend(ctx)
-        await backend.prepare(ctx)
-        ctx.paths.prompt.write_text(prompt)
-        (ctx.paths.root / f"prompt-{n}.md").write_text(prompt)
         scoped = ScopedForge(
             self.forge,
             owner=state.owner,
@@ -1165,7 +1275,14 @@ class Service:
         )
         sidecar = UnixServer(sidecar_app(_Access(self, active)), ctx.paths.socket)
         active.sidecar = sidecar
-        await sidecar.start()
+        # The socket comes up while the workspace is cloned; the agent starts once both are ready.
+        prepared, started = await asyncio.gather(backend.prepare(ctx), sidecar.start(), return_exceptions=True)
+        for outcome in (prepared, started):
+            if isinstance(outcome, BaseException):
+                await sidecar.stop()
+                raise outcome
+        ctx.paths.prompt.write_text(prompt)
+        (ctx.paths.root / f"prompt-{n}.md").write_text(prompt)
         self.active[ctx.slug] = active
         try:
             handle = await backend.start(ctx, prompt=prompt, run=n, resume=resume)
@@ -1380,6 +1497,9 @@ class _Access:
             outcome=outcome,
             detail=detail,
             duration_ms=duration_ms,
+            # What wrote, or tried to write, to the forge is fsync'd before the agent hears back;
+            # reads are crash-safe and reach the disk with the next durable commit.
+            durable=op in WRITES or op == "signal_done" or outcome != "ok",
         )
         service.metrics.inc(
             "forgebottle_sidecar_calls_total", "Sidecar calls, by method and outcome", method=op, outcome=outcome
@@ -1602,10 +1722,13 @@ def create_app(config: Config, store: Store, forge: Forge, *, service: Service |
             svc.metrics.inc("forgebottle_webhooks_total", "Webhooks received, by outcome", outcome="malformed")
             return JSONResponse({"error": "the payload is not a JSON object"}, status_code=400)
         delivery = request.headers.get("x-gitea-delivery", "")[:64]
-        event_id, new = await asyncio.to_thread(svc.accept, delivery=delivery, event_type=event_type, body=body)
+        reason = triage(event_type, payload)
+        event_id, new = await svc.accept(delivery=delivery, event_type=event_type, body=body, ignore=reason)
         svc.metrics.observe("forgebottle_webhook_seconds", "Webhook intake duration", time.perf_counter() - started)
         if not new:
             return JSONResponse({"status": "ignored", "reason": f"replay of event {event_id}"}, status_code=200)
+        if reason:
+            return JSONResponse({"status": "ignored", "event": event_id, "reason": reason}, status_code=200)
         return JSONResponse({"status": "queued", "event": event_id}, status_code=202)
 
     async def healthz(request: Request) -> Response:

@@ -1,6 +1,7 @@
 """SQLite store: bottle state, webhook inbox, runs, the operation log, transitions, prompts.
 
-WAL with ``synchronous=FULL`` so a webhook is on disk before it is answered; the schema is
+WAL; webhooks (and the sidecar's writes) are committed with ``synchronous=FULL``, on disk before
+they are answered, the rest with NORMAL (see ``Store.transaction``); the schema is
 versioned with ``PRAGMA user_version`` and migrated forward on open. Every write that must be
 atomic runs in one ``BEGIN IMMEDIATE`` transaction.
 """
@@ -178,6 +179,15 @@ def _state_to_row(state: ForgeState) -> dict[str, Any]:
 
 
 @dataclasses.dataclass(frozen=True)
+class NewEvent:
+    received_at: str
+    delivery: str
+    event_type: str
+    body: bytes
+    ignored: str = ""  # a reason: stored as already ignored, never given to the worker
+
+
+@dataclasses.dataclass(frozen=True)
 class InboxEvent:
     id: int
     received_at: str
@@ -268,7 +278,6 @@ class Store:
         )
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         self._migrate()
 
@@ -294,8 +303,16 @@ class Store:
                 db.execute(f"PRAGMA user_version={version + 1}")
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction.
+
+        ``durable``: fsync the WAL before returning (synchronous=FULL). Otherwise the commit
+        survives a crash of this process but may be lost, whole, on power loss, until the next
+        durable commit syncs the WAL (synchronous=NORMAL). Webhooks are durable before they are
+        answered; everything derived from them can be derived again.
+        """
         with self._lock:
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -410,17 +427,35 @@ class Store:
 
     def add_event(self, *, received_at: str, delivery: str, event_type: str, body: bytes) -> tuple[int, bool]:
         """Store a webhook durably. Returns (id, is_new); a byte-identical body is not new."""
-        digest = hashlib.sha256(body).hexdigest()
-        with self.transaction() as db:
-            existing = db.execute("SELECT id FROM inbox WHERE body_sha256 = ?", (digest,)).fetchone()
-            if existing is not None:
-                return int(existing["id"]), False
-            cursor = db.execute(
-                "INSERT INTO inbox (received_at, delivery, event_type, body, body_sha256) VALUES (?, ?, ?, ?, ?)",
-                (received_at, delivery, event_type, body, digest),
-            )
-            assert cursor.lastrowid is not None
-            return int(cursor.lastrowid), True
+        return self.add_events([NewEvent(received_at, delivery, event_type, body)])[0]
+
+    def add_events(self, events: Sequence[NewEvent]) -> list[tuple[int, bool]]:
+        """Store webhooks in one transaction, one fsync (group commit). (id, is_new) for each."""
+        results: list[tuple[int, bool]] = []
+        with self.transaction(durable=True) as db:
+            for event in events:
+                digest = hashlib.sha256(event.body).hexdigest()
+                existing = db.execute("SELECT id FROM inbox WHERE body_sha256 = ?", (digest,)).fetchone()
+                if existing is not None:
+                    results.append((int(existing["id"]), False))
+                    continue
+                cursor = db.execute(
+                    "INSERT INTO inbox (received_at, delivery, event_type, body, body_sha256, status, reason, "
+                    "processed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        event.received_at,
+                        event.delivery,
+                        event.event_type,
+                        event.body,
+                        digest,
+                        "ignored" if event.ignored else "pending",
+                        event.ignored,
+                        event.received_at if event.ignored else None,
+                    ),
+                )
+                assert cursor.lastrowid is not None
+                results.append((int(cursor.lastrowid), True))
+        return results
 
     def pending_events(self, limit: int = 100) -> list[InboxEvent]:
         rows = self._query("SELECT * FROM inbox WHERE status = 'pending' ORDER BY id LIMIT ?", (limit,))
@@ -520,9 +555,19 @@ class Store:
     # -- the operation log ------------------------------------------------------------
 
     def append_operation(
-        self, slug: str, *, run: int, at: str, op: str, target: str, outcome: str, detail: str, duration_ms: float
+        self,
+        slug: str,
+        *,
+        run: int,
+        at: str,
+        op: str,
+        target: str,
+        outcome: str,
+        detail: str,
+        duration_ms: float,
+        durable: bool = True,
     ) -> Operation:
-        with self.transaction() as db:
+        with self.transaction(durable=durable) as db:
             row = db.execute("SELECT chain_head, op_count FROM forge_state WHERE slug = ?", (slug,)).fetchone()
             if row is None:
                 raise StoreError(f"no bottle {slug!r}")

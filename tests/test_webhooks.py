@@ -74,7 +74,8 @@ def test_form_hooks_are_signed_over_the_json(rig: Rig) -> None:
     payload = json.dumps({"action": "ping", "repository": {"name": "r", "owner": {"login": "o"}}}).encode()
     form = urlencode({"payload": payload.decode()}).encode()
     ok = post_webhook(rig.url, form, "push", signature=sign(payload), content_type="application/x-www-form-urlencoded")
-    assert ok.status_code == 202
+    assert ok.status_code == 200 and ok.json()["reason"] == "event type 'push' is not one forgebottle acts on"
+    assert rig.store.event(ok.json()["event"]).body == payload  # type: ignore[union-attr]
     bad = post_webhook(
         rig.url, form + b"&x=1", "push", signature=sign(form), content_type="application/x-www-form-urlencoded"
     )
@@ -206,3 +207,30 @@ def test_unknown_bottle_label_is_ignored(rig: Rig) -> None:
     rig.wait_events_done()
     assert rig.bottle(issue.number) is None
     assert "bottle 'gpu' is not configured" in rig.event_reasons()[0]
+
+
+def test_irrelevant_events_are_recorded_as_ignored_at_intake(rig: Rig) -> None:
+    payload = json.dumps(
+        {
+            "action": "deleted",
+            "issue": {"number": 1},
+            "repository": {"name": rig.forge.repo, "owner": {"login": rig.forge.owner}},
+        }
+    ).encode()
+    answer = post_webhook(rig.url, payload, "issues", signature=sign(payload))
+    assert answer.status_code == 200
+    assert answer.json()["reason"] == "issues action 'deleted' is not one forgebottle acts on"
+    event = rig.store.event(answer.json()["event"])
+    assert event is not None and (event.status, event.reason) == ("ignored", answer.json()["reason"])
+    hostile = json.dumps(
+        {
+            "action": "opened",
+            "issue": {"number": "1; drop"},
+            "sender": [],
+            "repository": {"name": rig.forge.repo, "owner": "not-an-object"},
+        }
+    ).encode()
+    accepted = post_webhook(rig.url, hostile, "issues", signature=sign(hostile))
+    assert accepted.status_code == 202
+    rig.wait_events_done()
+    assert rig.store.event(accepted.json()["event"]).reason == "payload names no repository"  # type: ignore[union-attr]
