@@ -574,7 +574,7 @@ def bench_launch(sizes: Sizes, root: Path) -> dict[str, Any]:
                     check=True,
                 )
             baselines.append(time.perf_counter() - started)
-        out = {
+        out: dict[str, Any] = {
             "launch_p50_ms": ms(statistics.median(launches)),
             "clone_plus_bwrap_p50_ms": ms(statistics.median(baselines)),
         }
