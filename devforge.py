@@ -44,9 +44,11 @@ from urllib.parse import urlencode
 import httpx
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 GITEA_VERSION = "1.26.4"
 MAX_GIT_BODY = 256 * 1024 * 1024
@@ -222,8 +224,10 @@ class DevForge:
         self._pending = 0
         self._idle = threading.Condition(self._lock)
         self._sender: threading.Thread | None = None
-        # Failure injection for outage tests: a callable returning a status to answer, or None.
+        # Failure injection for outage tests: a callable returning a status to answer, or None;
+        # and a stall, seconds every API request waits before it is answered.
         self.fault: Callable[[Request], int | None] | None = None
+        self.stall = 0.0
         self.app = self._build_app()
 
     # -- ids and lookups ------------------------------------------------------------
@@ -444,6 +448,8 @@ class DevForge:
         """A submitted review: ``kind`` is ``comment``, ``approved`` or ``rejected``."""
         with self._lock:
             repo, issue = self.repo(owner, name), self.issue(owner, name, number)
+            if issue.pull is None:
+                raise DevForgeError(404, "not a pull request")
             event = f"pull_request_review_{kind}"
             payload = self._pr_payload(repo, issue, "reviewed", user)
             payload["review"] = {"type": event, "content": body}
@@ -894,7 +900,9 @@ class DevForge:
             Route(f"{api}{r}/pulls/{{index:int}}/merge", self._merge, methods=["GET", "POST"]),
             Route("/{owner}/{repo}.git/{rest:path}", self._git_http, methods=["GET", "POST"]),
         ]
-        return Starlette(routes=routes, exception_handlers={DevForgeError: self._error})
+        return Starlette(
+            routes=routes, exception_handlers={DevForgeError: self._error}, middleware=[Middleware(_Stall, forge=self)]
+        )
 
     async def _error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, DevForgeError)
@@ -1219,6 +1227,19 @@ class DevForge:
         return Response(payload, status_code=status, headers=headers)
 
 
+class _Stall:
+    """ASGI middleware: API requests wait ``forge.stall`` seconds (a forge that hangs)."""
+
+    def __init__(self, app: ASGIApp, forge: DevForge) -> None:
+        self.app = app
+        self.forge = forge
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.forge.stall and scope["path"].startswith("/api/"):
+            await asyncio.sleep(self.forge.stall)
+        await self.app(scope, receive, send)
+
+
 def _git_env() -> dict[str, str]:
     # A clean, predictable git: no user or system config, fixed identity.
     return {
@@ -1247,14 +1268,14 @@ def _git_out(
     return proc.stdout.decode().strip() if proc.returncode == 0 else ""
 
 
-def loopback_socket() -> socket.socket:
-    """A TCP socket bound to a free port on 127.0.0.1 (not yet listening)."""
+def loopback_socket(port: int = 0) -> socket.socket:
+    """A TCP socket bound to ``port`` (default: a free one) on 127.0.0.1, not yet listening."""
     # proto must say TCP: asyncio sets TCP_NODELAY on accepted connections only when the
     # listening socket's proto is IPPROTO_TCP, and without it Nagle plus delayed ACKs add
     # 40 ms to every keep-alive response.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     return sock
 
 
@@ -1272,8 +1293,8 @@ class ServerThread:
     later, up to ``start()``.
     """
 
-    def __init__(self, app: Any = None) -> None:
-        self.sock = loopback_socket()
+    def __init__(self, app: Any = None, port: int = 0) -> None:
+        self.sock = loopback_socket(port)
         self.port: int = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = app

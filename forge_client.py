@@ -8,7 +8,7 @@ Prints the result as JSON on stdout; on error prints one line on stderr and exit
   forge read-issue N          forge read-pr N          forge comments N
   forge comment N [TEXT|-]    forge describe N [TEXT|-]
   forge push
-  forge open-pr --title T [--body TEXT|-] [--base BRANCH]
+  forge open-pr --title T [--body TEXT|-] [--base BRANCH] [--head YOUR-BRANCH]
   forge done success|failure|blocked SUMMARY
 """
 
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", required=True)
     p.add_argument("--body", default="", help="the text, or - for stdin")
     p.add_argument("--base", default=None)
+    p.add_argument("--head", default=None, help="must be your own branch (the default)")
     p = sub.add_parser("done", help="say you are finished")
     p.add_argument("status", choices=["success", "failure", "blocked"])
     p.add_argument("summary")
@@ -125,6 +126,8 @@ def run(argv: list[str]) -> Any:
         params: dict[str, Any] = {"title": args.title, "body": _text(args.body) if args.body == "-" else args.body}
         if args.base:
             params["base"] = args.base
+        if args.head:
+            params["head"] = args.head
         return call("open_pr", params)
     return call("signal_done", {"status": args.status, "summary": args.summary})
 

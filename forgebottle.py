@@ -551,7 +551,7 @@ def triage(event_type: str, payload: Mapping[str, Any]) -> str | None:
     if actions is None:
         return f"event type {event_type!r} is not one forgebottle acts on"
     action = payload.get("action")
-    if action not in actions:
+    if not isinstance(action, str) or action not in actions:
         return f"{event_type} action {str(action)[:64]!r} is not one forgebottle acts on"
     return None
 

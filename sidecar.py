@@ -352,7 +352,7 @@ class QuietServer(uvicorn.Server):
 class UnixServer:
     """An ASGI app on a 0600 Unix socket in a 0700 directory, started and stopped on demand."""
 
-    def __init__(self, app: ASGIApp, path: Path, *, limit_concurrency: int = 256) -> None:
+    def __init__(self, app: ASGIApp, path: Path, *, limit_concurrency: int = 1024) -> None:
         self.path = path
         self.app = app
         self.limit_concurrency = limit_concurrency
@@ -367,7 +367,8 @@ class UnixServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(str(self.path))
         os.chmod(self.path, 0o600)
-        sock.listen(128)
+        # An agent may fire many calls at once; past the backlog its connects would fail.
+        sock.listen(self.limit_concurrency)
         sock.setblocking(False)
         config = uvicorn.Config(
             self.app,

@@ -198,7 +198,7 @@ class Rig:
         """Build the app from the settings as they are now, serve it, and point a webhook at it."""
         self.config = self._config()
         app_store = Store(self.config.db_path)
-        gitea = Gitea(self.config.api_url, self.config.token.reveal())
+        gitea = Gitea(self.config.api_url, self.config.token.reveal(), timeout=self.config.forge_timeout)
         self.service = Service(self.config, app_store, gitea)
         self.server.app = create_app(self.config, app_store, gitea, service=self.service)
         self.server.start()

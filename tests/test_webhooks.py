@@ -234,3 +234,10 @@ def test_irrelevant_events_are_recorded_as_ignored_at_intake(rig: Rig) -> None:
     assert accepted.status_code == 202
     rig.wait_events_done()
     assert rig.store.event(accepted.json()["event"]).reason == "payload names no repository"  # type: ignore[union-attr]
+
+
+def test_unhashable_action_is_ignored_not_a_500(rig: Rig) -> None:
+    # Found by the fuzzer: {"action": []} once reached a frozenset lookup.
+    body = json.dumps({"action": [], "repository": {"name": "r", "owner": {"login": "o"}}}).encode()
+    answer = post_webhook(rig.url, body, "issue_assign", signature=sign(body))
+    assert answer.status_code == 200 and "action '[]' is not one forgebottle acts on" in answer.json()["reason"]
