@@ -69,7 +69,7 @@ from gitea import (
     User,
     branch_for,
 )
-from sidecar import WRITES, QuietServer, UnixServer, read_bounded, sidecar_app
+from sidecar import WRITES, BodyTooSlow, QuietServer, UnixServer, read_bounded, sidecar_app
 from statemachine import (
     Bottle,
     BottleState,
@@ -101,6 +101,7 @@ ENV_API_TOKEN_FILE = "FORGEBOTTLE_API_TOKEN_FILE"
 ENV_CONFIG = "FORGEBOTTLE_CONFIG"
 
 MAX_WEBHOOK_BYTES = 1024 * 1024
+WEBHOOK_BODY_SECONDS = 10.0
 MAX_PROMPT_BYTES = 96 * 1024  # one argv element may hold 128 KiB
 MAX_PROMPT_PART = 32 * 1024
 INTAKE_QUIET = 0.02  # the worker waits until no webhook arrived for this long...
@@ -1694,7 +1695,12 @@ def create_app(config: Config, store: Store, forge: Forge, *, service: Service |
 
     async def webhook(request: Request) -> Response:
         started = time.perf_counter()
-        raw = await read_bounded(request, MAX_WEBHOOK_BYTES)
+        try:
+            # Gitea sends the whole body at once and gives a delivery 5 s in all.
+            raw = await read_bounded(request, MAX_WEBHOOK_BYTES, seconds=WEBHOOK_BODY_SECONDS)
+        except BodyTooSlow:
+            svc.metrics.inc("forgebottle_webhooks_total", "Webhooks received, by outcome", outcome="too_slow")
+            raise
         if raw is None:
             svc.metrics.inc("forgebottle_webhooks_total", "Webhooks received, by outcome", outcome="too_large")
             return JSONResponse({"error": f"body over {MAX_WEBHOOK_BYTES} bytes"}, status_code=413)

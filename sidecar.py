@@ -301,16 +301,29 @@ def _error(rid: Any, exc: RpcError) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": rid, "error": error}
 
 
-async def read_bounded(request: Request, limit: int) -> bytes | None:
-    """The body, or None once it passes ``limit`` bytes (read no further)."""
+class BodyTooSlow(ForgeBottleError):
+    """The client did not send its body in time (a slowloris, or a dead peer)."""
+
+    http_status = 408
+
+
+async def read_bounded(request: Request, limit: int, *, seconds: float = 30.0) -> bytes | None:
+    """The body, or None once it passes ``limit`` bytes (read no further).
+
+    Raises BodyTooSlow when the whole body has not arrived within ``seconds``.
+    """
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         return None
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            return None
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    return None
+    except TimeoutError:
+        raise BodyTooSlow(f"the request body did not arrive within {seconds:.0f}s") from None
     return bytes(body)
 
 

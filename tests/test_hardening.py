@@ -603,8 +603,10 @@ def test_abusive_clients_do_not_starve_others(
     sock = str(rig.state_dir / "sidecars" / state.slug / "forge.sock")
     stop = threading.Event()
 
+    cut_off: list[str] = []
+
     def slow_body() -> None:
-        # Declares a body, then dribbles it out: one byte every 100 ms.
+        # Declares a body, then dribbles it out: one byte every 100 ms, until answered.
         import socket
 
         with socket.create_connection(("127.0.0.1", rig.server.port)) as conn:
@@ -612,12 +614,18 @@ def test_abusive_clients_do_not_starve_others(
                 b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"X-Gitea-Event-Type: issues\r\nContent-Length: 100000\r\n\r\n"
             )
+            conn.settimeout(0.1)
             while not stop.is_set():
                 try:
                     conn.sendall(b" ")
+                    answer = conn.recv(4096)
+                except TimeoutError:
+                    continue
                 except OSError:
                     return
-                stop.wait(0.1)
+                if answer:
+                    cut_off.append(answer.split(b" ")[1].decode())
+                return
 
     slow = [threading.Thread(target=slow_body, daemon=True) for _ in range(50)]
     for thread in slow:
@@ -672,12 +680,16 @@ def test_abusive_clients_do_not_starve_others(
     ]
     limited = sum(1 for c in codes if c.get("error", {}).get("code") == -32003)
     others.append(httpx.get(f"{rig.url}/healthz", timeout=10).status_code)
+    # The dribblers are cut off: a body must arrive within 10 s.
+    wait_until(lambda: len(cut_off) == len(slow), timeout=30, what="slow clients cut off")
+    slow_answers = list(cut_off)
     stop.set()
     for thread in slow:
         thread.join(timeout=5)
     figures(
         "abuse",
         slow_clients=len(slow),
+        slow_clients_cut_off_408=slow_answers.count("408"),
         concurrent_calls=1000,
         calls_ok=flood_result.get("ok"),
         calls_failed=flood_result.get("http_error", 0) + flood_result.get("rpc_error", 0),
@@ -687,4 +699,5 @@ def test_abusive_clients_do_not_starve_others(
     )
     assert flood_result == {"ok": 1000, "rpc_error": 0, "http_error": 0}
     assert limited == 10 and all(s == 200 for s in others) and len(others) >= 3
+    assert slow_answers == ["408"] * len(slow)
     rig.go(state.slug, 1)
