@@ -916,7 +916,7 @@ class Service:
         if existing is not None and existing.status.live:
             return ignored(f"bottle {existing.slug} is already {existing.status.value}", existing.slug)
         # Membership and the prompt snapshot are independent reads: make them together.
-        flags, prompt = await asyncio.gather(
+        flags, (prompt, seen) = await asyncio.gather(
             asyncio.gather(*(self._is_member(a) for a in issue.assignees)),
             self._snapshot(owner, repo, number, issue.title, issue.body),
         )
@@ -934,12 +934,13 @@ class Service:
             prompt=prompt,
             issue_url=issue.html_url,
             source=f"issue #{number} (assigned to {members[0]})",
+            seen_comment_id=seen,
         )
 
     async def _is_member(self, user: str) -> bool:
         return await self.forge.is_org_member(self.config.org, user)
 
-    async def _snapshot(self, owner: str, repo: str, number: int, title: str, body: str) -> str:
+    async def _snapshot(self, owner: str, repo: str, number: int, title: str, body: str) -> tuple[str, int]:
         """The trusted prompt: title, body, and comments by org members only."""
         parts = [f"# {title}", "", _cap(body)]
         found = await self.forge.read_comments(owner, repo, number)
@@ -951,7 +952,7 @@ class Service:
                 comments.append(f"### Comment by @{comment.user} ({comment.created_at})\n\n{_cap(comment.body)}")
         if comments:
             parts += ["", "## Comments", "", *comments]
-        return "\n".join(parts)
+        return "\n".join(parts), max((c.id for c in found), default=0)
 
     def _create(
         self,
@@ -965,6 +966,7 @@ class Service:
         prompt: str,
         issue_url: str,
         source: str,
+        seen_comment_id: int = 0,
     ) -> Decision:
         slug_base = f"{owner}-{repo}-{number}".lower()
         slug_base = re.sub(r"[^a-z0-9._-]+", "-", slug_base)[:40].strip("-.") or "bottle"
@@ -999,6 +1001,7 @@ class Service:
                 queued_seq=self.store.next_queue_seq(db),
                 api_url=self.config.api_url,
                 org=self.config.org,
+                seen_comment_id=seen_comment_id,
             )
             self.store.upsert(state, db)
             self.store.add_pending(slug, at=at, trigger=trigger, source=source, body=prompt, db=db)
@@ -1030,6 +1033,9 @@ class Service:
             return ignored(f"no live bottle for #{number}")
         if self.bot and sender.lower() == self.bot.login.lower():
             return ignored(f"comment by forgebottle's own user {sender}", state.slug)
+        if comment_id and number == state.issue_number and int(comment_id) <= state.seen_comment_id:
+            # Posted before the launch but delivered after it: the launch prompt has it already.
+            return ignored(f"comment {comment_id} is already in the launch prompt", state.slug)
         if not await self._trusted(owner, repo, sender):
             return ignored(
                 f"{sender} is neither a member of {self.config.org} nor a writer on {owner}/{repo}", state.slug
@@ -1114,7 +1120,7 @@ class Service:
         if existing is not None and existing.status.live:
             raise AdminError(f"bottle {existing.slug} is already {existing.status.value}")
         found = await self.forge.read_issue(owner, repo, issue)
-        text = await self._snapshot(owner, repo, issue, found.title, found.body)
+        text, seen = await self._snapshot(owner, repo, issue, found.title, found.body)
         if prompt:
             text += f"\n\n## Instructions from the operator\n\n{_cap(prompt)}"
         decision = self._create(
@@ -1127,6 +1133,7 @@ class Service:
             prompt=text,
             issue_url=found.html_url,
             source="orchestrate start",
+            seen_comment_id=seen,
         )
         with self.store.transaction() as db:
             assert decision.apply is not None

@@ -121,6 +121,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE forge_state ADD COLUMN api_url TEXT NOT NULL DEFAULT '';
     ALTER TABLE forge_state ADD COLUMN org TEXT NOT NULL DEFAULT '';
     """,
+    # 3: the newest comment the launch prompt read, so its webhook does not deliver it twice.
+    """
+    ALTER TABLE forge_state ADD COLUMN seen_comment_id INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -153,6 +157,7 @@ class ForgeState:
     queued_seq: int = 0
     api_url: str = ""
     org: str = ""
+    seen_comment_id: int = 0
 
     def as_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -241,3 +241,32 @@ def test_unhashable_action_is_ignored_not_a_500(rig: Rig) -> None:
     body = json.dumps({"action": [], "repository": {"name": "r", "owner": {"login": "o"}}}).encode()
     answer = post_webhook(rig.url, body, "issue_assign", signature=sign(body))
     assert answer.status_code == 200 and "action '[]' is not one forgebottle acts on" in answer.json()["reason"]
+
+
+def test_a_comment_in_the_launch_prompt_is_not_delivered_again(rig: Rig) -> None:
+    # Gitea may deliver a comment's webhook after the launch that already read the comment.
+    dev, world = rig.forge.dev, rig.forge.world
+    issue = dev.create_issue(rig.forge.owner, rig.forge.repo, title="T", body="B", user=world.member.login)
+    early = dev.comment(rig.forge.owner, rig.forge.repo, issue.number, "EARLY-NOTE", user=world.member.login)
+    dev.set_labels(rig.forge.owner, rig.forge.repo, issue.number, ["bot-bottle:turns"], by=world.member.login)
+    dev.assign(rig.forge.owner, rig.forge.repo, issue.number, [world.member.login], by=world.member.login)
+    state = rig.wait_state(issue.number, BottleState.RUNNING)
+    assert "EARLY-NOTE" in read_when(rig.home(state.slug) / "prompt-1.md")
+    repo = dev.repo(rig.forge.owner, rig.forge.repo)
+    late = dev.issue(rig.forge.owner, rig.forge.repo, issue.number)
+    payload = {
+        "action": "created",
+        "issue": dev.issue_json(repo, late),
+        "comment": dev.comment_json(repo, late, early),
+        "repository": dev.repo_json(repo),
+        "sender": dev.user_json(world.member.login),
+        "is_pull": False,
+        "late": True,
+    }
+    body = json.dumps(payload).encode()
+    assert post_webhook(rig.url, body, "issue_comment", signature=sign(body)).status_code == 202
+    rig.wait_events_done()
+    assert f"comment {early.id} is already in the launch prompt" in rig.event_reasons()[0]
+    assert rig.store.pending(state.slug) == []
+    rig.go(state.slug, 1)
+    rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
