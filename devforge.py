@@ -744,34 +744,31 @@ class DevForge:
     def _issue_payload(
         self, repo: RepoRec, issue: IssueRec, action: str, sender: str, changes: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        payload: dict[str, Any] = {"action": action, "number": issue.number}
-        if changes:
-            payload["changes"] = changes
-        payload.update(
-            {
-                "issue": self.issue_json(repo, issue),
-                "repository": self.repo_json(repo, sender),
-                "sender": self.user_json(sender),
-                "commit_id": "",
-            }
-        )
-        return payload
+        return self._payload(repo, issue, action, sender, changes, {"issue": self.issue_json(repo, issue)})
 
     def _pr_payload(
         self, repo: RepoRec, issue: IssueRec, action: str, sender: str, changes: dict[str, Any] | None = None
     ) -> dict[str, Any]:
+        entity = {"pull_request": self.pr_json(repo, issue), "requested_reviewer": None}
+        return self._payload(repo, issue, action, sender, changes, entity, review=None)
+
+    def _payload(
+        self,
+        repo: RepoRec,
+        issue: IssueRec,
+        action: str,
+        sender: str,
+        changes: dict[str, Any] | None,
+        entity: dict[str, Any],
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """IssuePayload / PullRequestPayload, keys in Gitea's order (changes only when set)."""
         payload: dict[str, Any] = {"action": action, "number": issue.number}
         if changes:
             payload["changes"] = changes
+        payload.update(entity)
         payload.update(
-            {
-                "pull_request": self.pr_json(repo, issue),
-                "requested_reviewer": None,
-                "repository": self.repo_json(repo, sender),
-                "sender": self.user_json(sender),
-                "commit_id": "",
-                "review": None,
-            }
+            {"repository": self.repo_json(repo, sender), "sender": self.user_json(sender), "commit_id": "", **extra}
         )
         return payload
 

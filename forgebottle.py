@@ -1300,6 +1300,14 @@ class Service:
             raise
         active.handle = handle
         log.info("%s: run %d started (pid %d)", ctx.slug, n, handle.pid, extra={"slug": ctx.slug})
+        if ctx.bottle.backend == "local" and not ctx.sandboxed:
+            log.warning(
+                '%s: run %d is NOT sandboxed (bottle %r has sandbox = "none")',
+                ctx.slug,
+                n,
+                ctx.bottle.name,
+                extra={"slug": ctx.slug},
+            )
         return active
 
     async def _monitor(self, active: ActiveRun) -> None:
@@ -1751,8 +1759,7 @@ def create_app(config: Config, store: Store, forge: Forge, *, service: Service |
                 "status": "ok",
                 "version": __version__,
                 "forge_user": svc.bot.login if svc.bot else None,
-                "running": counts.get("running", 0),
-                "queued": counts.get("queued", 0),
+                **{s.value: counts.get(s.value, 0) for s in (BottleState.RUNNING, BottleState.QUEUED)},
             }
         )
 
@@ -1846,7 +1853,7 @@ def admin_app(service: Service) -> Starlette:
         except (KeyError, TypeError, ValueError) as exc:
             raise BadRequest(f"bad request: {exc}") from None
         state = service.store.by_slug(slug)
-        return JSONResponse({"slug": slug, "status": state.status.value if state else "queued"})
+        return JSONResponse({"slug": slug, "status": (state.status if state else BottleState.QUEUED).value})
 
     async def resume(request: Request) -> Response:
         data = await body(request)

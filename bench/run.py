@@ -238,49 +238,26 @@ def target(kind: str, root: Path, api_url: str = "", token: str = "") -> Iterato
         proc.wait(timeout=30)
 
 
+def _phase(port: int, make: Callable[[int], bytes], seconds: float, connections: int) -> dict[str, Any]:
+    """Load ``port`` for ``seconds``; throughput, latency percentiles and status counts."""
+    lat, statuses = asyncio.run(_load(port, make, seconds, connections))
+    return {"rps": len(lat) / seconds, "p50_ms": ms(pct(lat, 50)), "p99_ms": ms(pct(lat, 99)), "statuses": statuses}
+
+
 def bench_intake(sizes: Sizes, root: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    seconds, conns = sizes.intake_seconds, sizes.connections
     with target("bare", root) as port:
-        lat, statuses = asyncio.run(_load(port, lambda n: _signed(n, "bare"), sizes.intake_seconds, sizes.connections))
-        out["bare"] = {
-            "rps": len(lat) / sizes.intake_seconds,
-            "p50_ms": ms(pct(lat, 50)),
-            "p99_ms": ms(pct(lat, 99)),
-            "statuses": statuses,
-        }
+        out["bare"] = _phase(port, lambda n: _signed(n, "bare"), seconds, conns)
     with devforge_process(root) as (api, token), target("forgebottle", root, api, token) as port:
-        lat, statuses = asyncio.run(_load(port, lambda n: _signed(n, "fb"), sizes.intake_seconds, sizes.connections))
-        out["signed"] = {
-            "rps": len(lat) / sizes.intake_seconds,
-            "p50_ms": ms(pct(lat, 50)),
-            "p99_ms": ms(pct(lat, 99)),
-            "statuses": statuses,
-        }
-        lat_i, st_i = asyncio.run(
-            _load(port, lambda n: _signed(n, "ign", "closed"), sizes.intake_seconds / 2, sizes.connections)
-        )
-        out["ignored"] = {
-            "rps": len(lat_i) / (sizes.intake_seconds / 2),
-            "p50_ms": ms(pct(lat_i, 50)),
-            "p99_ms": ms(pct(lat_i, 99)),
-            "statuses": st_i,
-        }
+        out["signed"] = _phase(port, lambda n: _signed(n, "fb"), seconds, conns)
+        out["ignored"] = _phase(port, lambda n: _signed(n, "ign", "closed"), seconds / 2, conns)
         replay = _signed(0, "fb")
-        lat_r, st_r = asyncio.run(_load(port, lambda n: replay, sizes.intake_seconds / 2, sizes.connections))
-        out["replayed"] = {
-            "rps": len(lat_r) / (sizes.intake_seconds / 2),
-            "p50_ms": ms(pct(lat_r, 50)),
-            "statuses": st_r,
-        }
+        out["replayed"] = _phase(port, lambda n: replay, seconds / 2, conns)
         bad = _request(_payload(1, "bad"), "0" * 64)
-        lat_b, st_b = asyncio.run(_load(port, lambda n: bad, sizes.intake_seconds / 2, sizes.connections))
-        out["bad_signature"] = {
-            "rps": len(lat_b) / (sizes.intake_seconds / 2),
-            "p50_ms": ms(pct(lat_b, 50)),
-            "statuses": st_b,
-        }
+        out["bad_signature"] = _phase(port, lambda n: bad, seconds / 2, conns)
         stored = Store(root / "forgebottle" / "state" / "bot-bottle.db")
-        accepted = statuses.get(202, 0) + st_i.get(200, 0)
+        accepted = out["signed"]["statuses"].get(202, 0) + out["ignored"]["statuses"].get(200, 0)
         rows = sum(stored.count_events().values())
         out["lost_events"] = accepted - rows
     bare, signed = out["bare"], out["signed"]

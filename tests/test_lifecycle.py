@@ -75,8 +75,7 @@ def test_orchestrate_start_resume_destroy_through_admin_socket(rig: Rig) -> None
     issue = dev.create_issue(rig.forge.owner, rig.forge.repo, title="By hand", body="b", user=world.outsider.login)
     admin = rig.state_dir / "admin.sock"
     assert stat.S_IMODE(admin.stat().st_mode) == 0o600
-    started = cli(
-        rig.state_dir,
+    start = [
         "orchestrate",
         "start",
         "--repo",
@@ -85,24 +84,13 @@ def test_orchestrate_start_resume_destroy_through_admin_socket(rig: Rig) -> None
         str(issue.number),
         "--agent",
         "turns",
-        "--prompt",
-        "OPERATOR-SAYS",
-    )
+    ]
+    started = cli(rig.state_dir, *start, "--prompt", "OPERATOR-SAYS")
     assert started.returncode == 0, started.stderr
     slug = started.stdout.split()[0]
     state = rig.wait_state(issue.number, BottleState.RUNNING)
     assert state.slug == slug
-    again = cli(
-        rig.state_dir,
-        "orchestrate",
-        "start",
-        "--repo",
-        f"{rig.forge.owner}/{rig.forge.repo}",
-        "--issue",
-        str(issue.number),
-        "--agent",
-        "turns",
-    )
+    again = cli(rig.state_dir, *start)
     assert again.returncode == 1 and "already running" in again.stderr and "Traceback" not in again.stderr
     assert "OPERATOR-SAYS" in read_when(rig.home(slug) / "prompt-1.md")
     rig.go(slug, 1)
