@@ -2314,14 +2314,15 @@ async def run_demo(root: Path, echo: Callable[[str], None]) -> int:
         state = store.by_slug(slug)
         assert state is not None and state.pr_number is not None
         step(f"pull request #{state.pr_number} open: {state.pr_url}")
-        dev.comment(
+        dev.review(
             world.owner,
             world.repo,
             state.pr_number,
-            "Looks good. Could you add a closing line?",
+            "Nearly there: could you add a closing line?",
             user=world.member.login,
+            kind="rejected",
         )
-        step(f"{world.member.login} (org member) commented on the PR: rehydrating")
+        step(f"{world.member.login} (org member) reviewed the PR, requesting changes: rehydrating")
         await _until(status_is(slug, BottleState.FROZEN, 2), "the second run to finish")
         dev.merge_pr(world.owner, world.repo, state.pr_number, user=world.member.login)
         step(f"{world.member.login} merged pull request #{state.pr_number}")
