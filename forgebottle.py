@@ -642,7 +642,6 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
         self._repos: dict[tuple[str, str], Repo] = {}
         self._admin: UnixServer | None = None
-        self._idle = asyncio.Event()
         self._stopping = False
         self._intake: list[tuple[NewEvent, asyncio.Future[tuple[int, bool]]]] = []
         self._committer: asyncio.Task[None] | None = None
@@ -772,15 +771,7 @@ class Service:
             events = self.store.pending_events()
             await self.process_batch(events)
             if not events:
-                self._idle.set()
                 await self._wake.wait()
-                self._idle.clear()
-
-    async def wait_idle(self) -> None:
-        """For tests and the demo: until every stored event has been processed."""
-        while self.store.pending_events(1) or not self._idle.is_set():
-            self._wake.set()
-            await asyncio.sleep(0.01)
 
     async def process_batch(self, events: Sequence[InboxEvent]) -> None:
         """Decide events in arrival order. Plain ignores are finished together, in one
@@ -1445,11 +1436,6 @@ class Service:
             self.store.update_run(active.ctx.slug, active.run, watchdog_fired=1)
             log.warning("%s: watchdog: %s", active.ctx.slug, active.watchdog_reason, extra={"slug": active.ctx.slug})
             await self._stop_agent(active, grace=2.0)
-
-    # -- read side -------------------------------------------------------------------
-
-    def bottle_view(self, state: ForgeState) -> dict[str, Any]:
-        return bottle_view(state)
 
 
 class _Access:
