@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -544,12 +545,14 @@ class Backend(abc.ABC):
         except TimeoutError:
             proc.kill()
             raise PushFailed("making the bundle timed out") from None
-        head_file = outbox / "head"
-        sha = head_file.read_text().strip() if head_file.exists() else ""
+        head = _sandbox_output(outbox / "head", limit=128)
+        sha = head.decode(errors="replace").strip() if head is not None else ""
         if proc.returncode != 0 or not re.fullmatch(r"[0-9a-f]{40}", sha):
             raise PushFailed("the workspace has no commit to push")
         bundle = outbox / "push.bundle"
-        return sha, bundle if bundle.exists() and bundle.stat().st_size > 0 else None
+        if _sandbox_output(bundle, limit=0) is None:
+            return sha, None
+        return sha, bundle
 
     async def push(self, ctx: BottleContext, *, forbidden: Sequence[str]) -> PushResult:
         auth = (ctx.git_user, ctx.token)
@@ -580,6 +583,25 @@ class Backend(abc.ABC):
             ["-C", mirror, "push", "-q", lease, "origin", f"{sha}:refs/heads/{ctx.branch}"], auth=auth, redact=redact
         )
         return PushResult(ctx.branch, sha, scanned, pushed=True)
+
+
+def _sandbox_output(path: Path, *, limit: int) -> bytes | None:
+    """A file the sandbox wrote, if it is a non-empty regular file (read up to ``limit`` bytes).
+
+    Whatever ran in the sandbox could have left a symlink (to a secret) or a FIFO (to hang us)
+    in its place: never follow one.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+            return None
+        return os.read(fd, limit) if limit else b"\0"
+    finally:
+        os.close(fd)
 
 
 async def _git_ok(args: Sequence[str]) -> bool:
