@@ -38,6 +38,7 @@ SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the NUL
 GIT_TIMEOUT = 300.0
 MAX_SCAN_FILES = 2000
 MAX_SCAN_BYTES = 2 * 1024 * 1024
+MAX_RUN_LOG = 16 * 1024 * 1024
 
 # Inside the sandbox.
 IN_WORKSPACE = "/workspace"
@@ -371,8 +372,11 @@ async def run_git(
 class RunHandle:
     """A running agent: its own process group (session), so the whole tree can be signalled."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, drain: asyncio.Task[None] | None = None) -> None:
         self.proc = proc
+        # Copies the agent's output to its run log; may outlive the agent if an unsandboxed
+        # child keeps the pipe open, so wait() does not wait for it.
+        self.drain = drain
 
     @property
     def pid(self) -> int:
@@ -399,17 +403,36 @@ class RunHandle:
 
 async def spawn(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path | None, log: Path) -> RunHandle:
     log.parent.mkdir(parents=True, exist_ok=True)
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        env=dict(env),
+        cwd=str(cwd) if cwd else None,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    return RunHandle(proc, asyncio.create_task(drain_to(proc.stdout, log, MAX_RUN_LOG), name=f"log:{log}"))
+
+
+async def drain_to(stream: asyncio.StreamReader, log: Path, limit: int) -> None:
+    """Copy ``stream`` into ``log`` up to ``limit`` bytes, then keep reading and discard.
+
+    An agent's output is input too: bounded, so a chatty or hostile agent cannot fill the disk,
+    and always drained, so it never blocks on a full pipe.
+    """
+    written = 0
     with open(log, "ab") as out:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            env=dict(env),
-            cwd=str(cwd) if cwd else None,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return RunHandle(proc)
+        while chunk := await stream.read(64 * 1024):
+            if written >= limit:
+                continue
+            part = chunk[: limit - written]
+            out.write(part)
+            written += len(part)
+            if written >= limit:
+                out.write(f"\n[forgebottle: run log truncated at {limit} bytes; the rest was discarded]\n".encode())
+            out.flush()
 
 
 def fill(template: Sequence[str], values: Mapping[str, str]) -> list[str]:

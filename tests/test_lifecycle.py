@@ -233,3 +233,14 @@ def test_kill_9_then_restart_processes_every_acknowledged_event_once(
         assert len(launches) == 1
     assert httpx.get(f"{serve.url}/healthz").json()["status"] == "ok"
     assert serve.stop() == 0
+
+
+def test_run_logs_are_bounded_and_never_block_the_agent(rig_factory: Callable[..., Rig]) -> None:
+    chatty = "#!/bin/sh\nhead -c 20000000 /dev/zero | tr '\\0' x\nforge done success 'said a lot'\n"
+    rig = rig_factory(scripts={"chatty": chatty}).start()
+    issue = rig.open_issue(agent="chatty")
+    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    assert rig.store.transitions(state.slug)[-1]["trigger"] == "done"  # it finished: the pipe never filled
+    log = rig.state_dir / "bottles" / state.slug / "run-1.log"
+    wait_until(lambda: log.read_bytes().endswith(b"the rest was discarded]\n"), what="the truncation note")
+    assert 16 * 1024 * 1024 <= log.stat().st_size < 16 * 1024 * 1024 + 200
