@@ -241,16 +241,7 @@ class Rig:
         labels: list[str] | None = None,
         body: str = "Please fix.",
     ) -> df.IssueRec:
-        member = self.forge.world.member.login
-        return self.forge.dev.create_issue(
-            self.forge.owner,
-            self.forge.repo,
-            title="Fix the thing",
-            body=body,
-            user=member,
-            labels=labels if labels is not None else [f"bot-bottle:{agent}"],
-            assignees=[assignee or member],
-        )
+        return open_issue(self.forge, agent, assignee=assignee, labels=labels, body=body)
 
     def home(self, slug: str) -> Path:
         return self.state_dir / "bottles" / slug / "home"
@@ -261,6 +252,28 @@ class Rig:
 
     def event_reasons(self) -> list[str]:
         return [e["reason"] for e in self.store.events(1000)]
+
+
+def open_issue(
+    forge: Forge,
+    agent: str = "happy",
+    *,
+    title: str = "Fix the thing",
+    body: str = "Please fix.",
+    assignee: str | None = None,
+    labels: list[str] | None = None,
+) -> df.IssueRec:
+    """An issue opened by the org member, labelled for ``agent`` and assigned (to the member)."""
+    member = forge.world.member.login
+    return forge.dev.create_issue(
+        forge.owner,
+        forge.repo,
+        title=title,
+        body=body,
+        user=member,
+        labels=labels if labels is not None else [f"bot-bottle:{agent}"],
+        assignees=[assignee or member],
+    )
 
 
 @pytest.fixture

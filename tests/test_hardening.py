@@ -25,7 +25,17 @@ from hypothesis import strategies as st
 import devforge as df
 from statemachine import BottleState
 from store import Store
-from tests.conftest import WEBHOOK_SECRET, Forge, Rig, ServeProcess, needs_bwrap, read_when, sign, wait_until
+from tests.conftest import (
+    WEBHOOK_SECRET,
+    Forge,
+    Rig,
+    ServeProcess,
+    needs_bwrap,
+    open_issue,
+    read_when,
+    sign,
+    wait_until,
+)
 
 pytestmark = needs_bwrap
 
@@ -73,19 +83,7 @@ def assign_payload(forge: Forge, number: int, nonce: int) -> bytes:
 def test_sigkill_mid_burst_loses_and_doubles_nothing(
     forge: Forge, serve_factory: Callable[..., ServeProcess], figures: Callable[..., None]
 ) -> None:
-    member = forge.world.member.login
-    issues = [
-        forge.dev.create_issue(
-            forge.owner,
-            forge.repo,
-            title=f"burst {n}",
-            body="",
-            user=member,
-            labels=["bot-bottle:exit"],
-            assignees=[member],
-        ).number
-        for n in range(25)
-    ]
+    issues = [open_issue(forge, "exit", title=f"burst {n}").number for n in range(25)]
     bodies = [assign_payload(forge, issues[n % len(issues)], n) for n in range(500)]
     serve = serve_factory().start()
     acknowledged: list[bytes] = []

@@ -16,7 +16,17 @@ import httpx
 from bottles import BottleSpec
 from statemachine import BottleState
 from store import Store
-from tests.conftest import ROOT, Forge, Rig, ServeProcess, needs_bwrap, processes_mentioning, read_when, wait_until
+from tests.conftest import (
+    ROOT,
+    Forge,
+    Rig,
+    ServeProcess,
+    needs_bwrap,
+    open_issue,
+    processes_mentioning,
+    read_when,
+    wait_until,
+)
 
 pytestmark = needs_bwrap
 
@@ -186,26 +196,12 @@ def test_kill_9_then_restart_processes_every_acknowledged_event_once(
 ) -> None:
     serve = serve_factory().start()
     forge.dev.add_hook(forge.owner, forge.repo, f"{serve.url}/webhook", "whsec-" + "5" * 24)
-    member = forge.world.member.login
-    running = forge.dev.create_issue(
-        forge.owner, forge.repo, title="runs", body="", user=member, labels=["bot-bottle:turns"], assignees=[member]
-    )
+    running = open_issue(forge, "turns", title="runs")
     store = Store(serve.state_dir / "bot-bottle.db")
     wait_until(lambda: status(store, forge, running.number) is BottleState.RUNNING, what="the first bottle to run")
     # The forge goes down: new events are acknowledged and stored, but cannot be processed.
     forge.dev.fault = lambda request: 503 if request.url.path.startswith("/api/") else None
-    later = [
-        forge.dev.create_issue(
-            forge.owner,
-            forge.repo,
-            title=f"later {n}",
-            body="",
-            user=member,
-            labels=["bot-bottle:happy"],
-            assignees=[member],
-        )
-        for n in range(3)
-    ]
+    later = [open_issue(forge, title=f"later {n}") for n in range(3)]
     deliveries = forge.dev.wait_deliveries()
     acknowledged = [d for d in deliveries if d.status is not None and 200 <= d.status < 300]
     assert len(acknowledged) == 4
