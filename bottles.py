@@ -609,7 +609,7 @@ class Backend(abc.ABC):
 
 
 def _sandbox_output(path: Path, *, limit: int) -> bytes | None:
-    """A file the sandbox wrote, if it is a non-empty regular file (read up to ``limit`` bytes).
+    """A file the sandbox wrote, if it is a non-empty regular file: its first ``limit`` bytes.
 
     Whatever ran in the sandbox could have left a symlink (to a secret) or a FIFO (to hang us)
     in its place: never follow one.
@@ -622,7 +622,7 @@ def _sandbox_output(path: Path, *, limit: int) -> bytes | None:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
             return None
-        return os.read(fd, limit) if limit else b"\0"
+        return os.read(fd, limit)
     finally:
         os.close(fd)
 

@@ -727,19 +727,28 @@ class Service:
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_intake(), name="intake-commit")
         event_id, new = await future
-        outcome = "replay" if not new else "ignored" if ignore else "queued"
-        self.metrics.inc("forgebottle_webhooks_total", "Webhooks received, by outcome", outcome=outcome)
-        if new and ignore:
-            log.info(
-                "event %d %s: %s",
-                event_id,
-                event_type,
-                ignore,
-                extra={"event_id": event_id, "event": event_type, "status": "ignored", "reason": ignore},
-            )
-        elif new:
+        if not new:
+            self.count_webhook("replay")
+        elif ignore:
+            self._event_outcome(event_id, event_type, "ignored", ignore)
+        else:
+            self.count_webhook("queued")
             self._wake.set()
         return event_id, new
+
+    def count_webhook(self, outcome: str) -> None:
+        self.metrics.inc("forgebottle_webhooks_total", "Webhooks received, by outcome", outcome=outcome)
+
+    def _event_outcome(self, event_id: int, event_type: str, status: str, reason: str, slug: str = "") -> None:
+        """How a stored event ended: one log line and one count, wherever it was decided."""
+        self.count_webhook(status)
+        log.info(
+            "event %d %s: %s",
+            event_id,
+            event_type,
+            reason,
+            extra={"event_id": event_id, "event": event_type, "status": status, "slug": slug, "reason": reason},
+        )
 
     async def _commit_intake(self) -> None:
         while self._intake:
@@ -842,20 +851,7 @@ class Service:
                     event.id, status=status, reason=decision.reason, slug=decision.slug, at=at, db=db
                 )
         for event, decision, status in finished:
-            self.metrics.inc("forgebottle_webhooks_total", "Webhooks received, by outcome", outcome=status)
-            log.info(
-                "event %d %s: %s",
-                event.id,
-                event.event_type,
-                decision.reason,
-                extra={
-                    "event_id": event.id,
-                    "event": event.event_type,
-                    "status": status,
-                    "slug": decision.slug,
-                    "reason": decision.reason,
-                },
-            )
+            self._event_outcome(event.id, event.event_type, status, decision.reason, decision.slug)
 
     async def decide(self, event: InboxEvent) -> Decision:
         try:
@@ -1011,12 +1007,12 @@ class Service:
         if kind.startswith("pull_request_review_"):
             number = _number(_obj(payload, "pull_request"), "number")
             body = _text(_obj(payload, "review"), "content")
-            comment_id = ""
+            comment_id = 0
         else:
             number = _number(_obj(payload, "issue"), "number")
             comment = _obj(payload, "comment")
             body = _text(comment, "body")
-            comment_id = str(_number(comment, "id") or "")
+            comment_id = _number(comment, "id")
         if number <= 0:
             return ignored("payload names no issue or pull request")
         state = self.store.by_pr(owner, repo, number) or self.store.get(owner, repo, number)
@@ -1024,7 +1020,7 @@ class Service:
             return ignored(f"no live bottle for #{number}")
         if self.bot and sender.lower() == self.bot.login.lower():
             return ignored(f"comment by forgebottle's own user {sender}", state.slug)
-        if comment_id and number == state.issue_number and int(comment_id) <= state.seen_comment_id:
+        if comment_id and number == state.issue_number and comment_id <= state.seen_comment_id:
             # Posted before the launch but delivered after it: the launch prompt has it already.
             return ignored(f"comment {comment_id} is already in the launch prompt", state.slug)
         if not await self._trusted(owner, repo, sender):
@@ -1041,7 +1037,7 @@ class Service:
                 return ignored("approval without a comment", state.slug)
             body = "(no text)"
         prompt = f"### {verdict} from @{sender} on #{number}\n\n{_cap(body)}"
-        source = f"{kind} {comment_id} by {sender}".replace("  ", " ")
+        source = f"{kind} {comment_id} by {sender}" if comment_id else f"{kind} by {sender}"
         where = (
             "rehydrate queued"
             if state.status is BottleState.FROZEN
@@ -1700,10 +1696,10 @@ def create_app(config: Config, store: Store, forge: Forge, *, service: Service |
             # Gitea sends the whole body at once and gives a delivery 5 s in all.
             raw = await read_bounded(request, MAX_WEBHOOK_BYTES, seconds=WEBHOOK_BODY_SECONDS)
         except BodyTooSlow:
-            svc.metrics.inc("forgebottle_webhooks_total", "Webhooks received, by outcome", outcome="too_slow")
+            svc.count_webhook("too_slow")
             raise
         if raw is None:
-            svc.metrics.inc("forgebottle_webhooks_total", "Webhooks received, by outcome", outcome="too_large")
+            svc.count_webhook("too_large")
             return JSONResponse({"error": f"body over {MAX_WEBHOOK_BYTES} bytes"}, status_code=413)
         body = raw
         if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
@@ -1715,18 +1711,18 @@ def create_app(config: Config, store: Store, forge: Forge, *, service: Service |
         if config.webhook_secret is not None:
             signature = request.headers.get("x-gitea-signature", "")
             if not signature or not verify_signature(config.webhook_secret, body, signature):
-                svc.metrics.inc("forgebottle_webhooks_total", "Webhooks received, by outcome", outcome="unauthorized")
+                svc.count_webhook("unauthorized")
                 return JSONResponse({"error": "bad or missing X-Gitea-Signature"}, status_code=401)
         event_type = request.headers.get("x-gitea-event-type", "")
         if not re.fullmatch(r"[a-z_]{1,64}", event_type):
-            svc.metrics.inc("forgebottle_webhooks_total", "Webhooks received, by outcome", outcome="malformed")
+            svc.count_webhook("malformed")
             return JSONResponse({"error": "missing or malformed X-Gitea-Event-Type"}, status_code=400)
         try:
             payload = json.loads(body)
         except (ValueError, RecursionError):
             payload = None
         if not isinstance(payload, dict):
-            svc.metrics.inc("forgebottle_webhooks_total", "Webhooks received, by outcome", outcome="malformed")
+            svc.count_webhook("malformed")
             return JSONResponse({"error": "the payload is not a JSON object"}, status_code=400)
         delivery = request.headers.get("x-gitea-delivery", "")[:64]
         reason = triage(event_type, payload)
