@@ -243,6 +243,11 @@ class Rig:
     ) -> df.IssueRec:
         return open_issue(self.forge, agent, assignee=assignee, labels=labels, body=body)
 
+    def run_once(self, agent: str = "happy", **kwargs: Any) -> tuple[df.IssueRec, ForgeState]:
+        """Open an issue for ``agent`` and wait for its first run to end frozen."""
+        issue = self.open_issue(agent, **kwargs)
+        return issue, self.wait_state(issue.number, BottleState.FROZEN, runs=1)
+
     def home(self, slug: str) -> Path:
         return self.state_dir / "bottles" / slug / "home"
 

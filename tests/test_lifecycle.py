@@ -123,8 +123,7 @@ def test_orchestrate_start_resume_destroy_through_admin_socket(rig: Rig) -> None
 
 
 def test_status_works_with_the_server_down(rig: Rig) -> None:
-    issue = rig.open_issue()
-    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    _, state = rig.run_once()
     rig.server.stop()
     table = cli(rig.state_dir, "orchestrate", "status")
     assert table.returncode == 0
@@ -166,8 +165,7 @@ def test_command_backend_runs_the_launcher(rig_factory: Callable[..., Rig], shor
     rig = rig_factory(bottles={"local": BottleSpec(), "ext": spec})
     rig.agent_env = {"FORGE_TOOL": str(ROOT / "forge_client.py")}
     rig.start()
-    issue = rig.open_issue(labels=["bot-bottle:happy", "bot-bottle-bottle:ext"])
-    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    issue, state = rig.run_once(labels=["bot-bottle:happy", "bot-bottle-bottle:ext"])
     assert (state.backend_name, state.bottle_names) == ("command", ("ext",))
     call = json.loads((short_tmp / "launcher-start.json").read_text())
     paths = rig.state_dir / "sidecars" / state.slug
@@ -234,8 +232,7 @@ def test_kill_9_then_restart_processes_every_acknowledged_event_once(
 def test_run_logs_are_bounded_and_never_block_the_agent(rig_factory: Callable[..., Rig]) -> None:
     chatty = "#!/bin/sh\nhead -c 20000000 /dev/zero | tr '\\0' x\nforge done success 'said a lot'\n"
     rig = rig_factory(scripts={"chatty": chatty}).start()
-    issue = rig.open_issue(agent="chatty")
-    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    _, state = rig.run_once(agent="chatty")
     assert rig.store.transitions(state.slug)[-1]["trigger"] == "done"  # it finished: the pipe never filled
     log = rig.state_dir / "bottles" / state.slug / "run-1.log"
     wait_until(lambda: log.read_bytes().endswith(b"the rest was discarded]\n"), what="the truncation note")

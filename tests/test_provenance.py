@@ -38,8 +38,7 @@ def provenance_cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[s
 
 
 def two_runs(rig: Rig) -> str:
-    issue = rig.open_issue()
-    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    issue, state = rig.run_once()
     assert state.pr_number is not None
     rig.forge.dev.comment(
         rig.forge.owner, rig.forge.repo, state.pr_number, "PLEASE-AGAIN", user=rig.forge.world.member.login
@@ -133,8 +132,7 @@ def test_tampering_is_detected(rig: Rig, tamper: str) -> None:
 
 def test_watchdog_run_in_provenance(rig_factory: Callable[..., Rig]) -> None:
     rig = rig_factory(watchdog_timeout=0.5, watchdog_interval=0.1).start()
-    issue = rig.open_issue(agent="sleep")
-    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    _, state = rig.run_once(agent="sleep")
     run = get(rig, f"/provenance/{state.slug}").json()["runs"][0]
     assert run["watchdog_fired"] is True and run["signalled"] is None
 

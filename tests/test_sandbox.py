@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from statemachine import BottleState
 from tests.conftest import Rig, needs_bwrap, read_when
 
 pytestmark = needs_bwrap
@@ -54,8 +53,7 @@ def probe(rig_factory: Callable[..., Rig], short_tmp: Path, network: str) -> tup
         "PROBE_SERVE_PORT": str(rig.server.port),
     }
     rig.start()
-    issue = rig.open_issue(agent="probe")
-    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    _, state = rig.run_once(agent="probe")
     text = read_when(rig.home(state.slug) / "probe.txt")
     return rig, dict(line.split("=", 1) for line in text.splitlines() if "=" in line), state.slug
 
@@ -100,8 +98,7 @@ def test_network_host_shares_the_network(rig_factory: Callable[..., Rig], short_
 
 
 def test_mirror_config_holds_no_token(rig: Rig) -> None:
-    issue = rig.open_issue()
-    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    _, state = rig.run_once()
     bottle = rig.state_dir / "bottles" / state.slug
     token = rig.forge.world.bot.token
     for config in (bottle / "mirror.git" / "config", bottle / "workspace" / ".git" / "config"):

@@ -284,16 +284,14 @@ def test_forge_tool_prints_json_and_fails_cleanly(running: Callable[..., Sidecar
 def test_agent_that_lingers_after_done_is_stopped(rig_factory: Callable[..., Rig]) -> None:
     rig = rig_factory(done_grace=0.5, scripts={"linger": "#!/bin/sh\nforge done success 'said done'\nsleep 1000\n"})
     rig.start()
-    issue = rig.open_issue(agent="linger")
-    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    _, state = rig.run_once(agent="linger")
     assert rig.store.transitions(state.slug)[-1]["trigger"] == "done"
     assert rig.store.runs(state.slug)[0]["exit_code"] != 0  # it was stopped, not exited
 
 
 def test_happy_path_scripted_agent(rig: Rig) -> None:
     dev, owner, repo = rig.forge.dev, rig.forge.owner, rig.forge.repo
-    issue = rig.open_issue()
-    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    issue, state = rig.run_once()
     assert state.pr_number is not None and state.pr_url.endswith(f"/pulls/{state.pr_number}")
     pull = dev.issue(owner, repo, state.pr_number)
     assert pull.pull is not None and pull.pull.head == f"bot-bottle/issue-{issue.number}"

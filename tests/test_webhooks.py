@@ -83,8 +83,7 @@ def test_form_hooks_are_signed_over_the_json(rig: Rig) -> None:
 
 
 def test_replay_is_a_noop(rig: Rig) -> None:
-    issue = rig.open_issue()
-    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    _, state = rig.run_once()
     first = next(d for d in rig.deliveries() if d.event_type == "issues")
     copy = rig.forge.dev.replay(first)
     rig.deliveries()
@@ -115,8 +114,7 @@ def test_snapshot_has_title_body_and_member_comments_only(rig: Rig) -> None:
 
 def test_trusted_pr_comment_rehydrates_with_that_comment(rig: Rig) -> None:
     dev, world = rig.forge.dev, rig.forge.world
-    issue = rig.open_issue()
-    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    issue, state = rig.run_once()
     assert state.pr_number is not None
     dev.comment(rig.forge.owner, rig.forge.repo, state.pr_number, "PLEASE-RENAME it", user=world.member.login)
     state = rig.wait_state(issue.number, BottleState.FROZEN, runs=2)
@@ -129,8 +127,7 @@ def test_trusted_pr_comment_rehydrates_with_that_comment(rig: Rig) -> None:
 
 def test_outsider_and_own_comments_do_not_rehydrate(rig: Rig) -> None:
     dev, world = rig.forge.dev, rig.forge.world
-    issue = rig.open_issue()
-    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    issue, state = rig.run_once()
     assert state.pr_number is not None
     dev.comment(rig.forge.owner, rig.forge.repo, state.pr_number, "PLEASE-LEAK", user=world.outsider.login)
     dev.comment(rig.forge.owner, rig.forge.repo, issue.number, "PLEASE-LOOP", user=world.bot.login)
@@ -147,8 +144,7 @@ def test_writer_who_is_not_a_member_is_trusted(rig: Rig) -> None:
     dev, world = rig.forge.dev, rig.forge.world
     writer = dev.add_user("wendy")
     dev.repo(rig.forge.owner, rig.forge.repo).collaborators["wendy"] = "write"
-    issue = rig.open_issue()
-    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    issue, state = rig.run_once()
     assert state.pr_number is not None
     dev.review(
         rig.forge.owner, rig.forge.repo, state.pr_number, "PLEASE-FIX the typo", user=writer.login, kind="rejected"
@@ -177,8 +173,7 @@ def test_comment_during_a_run_waits_for_the_next_turn(rig: Rig) -> None:
 
 
 def test_pr_close_destroys_and_removes_the_workspace(rig: Rig) -> None:
-    issue = rig.open_issue()
-    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+    issue, state = rig.run_once()
     workspace = rig.state_dir / "bottles" / state.slug / "workspace"
     assert (workspace / "change.txt").exists()
     assert state.pr_number is not None
