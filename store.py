@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import sqlite3
@@ -167,13 +168,24 @@ class ForgeState:
 
 
 _STATE_COLUMNS = [f.name for f in dataclasses.fields(ForgeState)]
+# Selected in field order, so a row maps onto ForgeState positionally: `orchestrate status`
+# turns 10,000 rows into states and that loop is most of its run time.
+_SELECT_STATE = f"SELECT {', '.join(_STATE_COLUMNS)} FROM forge_state"
+_STATUS_AT = _STATE_COLUMNS.index("status")
+_NAMES_AT = _STATE_COLUMNS.index("bottle_names")
+
+
+@functools.lru_cache(maxsize=256)
+def _bottle_names(encoded: str) -> tuple[str, ...]:
+    return tuple(json.loads(encoded))
 
 
 def _state_from_row(row: sqlite3.Row | dict[str, Any]) -> ForgeState:
-    data = {k: row[k] for k in _STATE_COLUMNS}
-    data["status"] = BottleState(data["status"])
-    data["bottle_names"] = tuple(json.loads(data["bottle_names"]))
-    return ForgeState(**data)
+    """A state from a row selected with _SELECT_STATE, or from an archived JSON object."""
+    values = [row[k] for k in _STATE_COLUMNS] if isinstance(row, dict) else list(row)
+    values[_STATUS_AT] = BottleState(values[_STATUS_AT])
+    values[_NAMES_AT] = _bottle_names(values[_NAMES_AT])
+    return ForgeState(*values)
 
 
 def _state_to_row(state: ForgeState) -> dict[str, Any]:
@@ -343,12 +355,12 @@ class Store:
 
     def get(self, owner: str, repo: str, issue: int) -> ForgeState | None:
         rows = self._query(
-            "SELECT * FROM forge_state WHERE owner = ? AND repo = ? AND issue_number = ?", (owner, repo, issue)
+            f"{_SELECT_STATE} WHERE owner = ? AND repo = ? AND issue_number = ?", (owner, repo, issue)
         )
         return _state_from_row(rows[0]) if rows else None
 
     def by_slug(self, slug: str) -> ForgeState | None:
-        rows = self._query("SELECT * FROM forge_state WHERE slug = ?", (slug,))
+        rows = self._query(f"{_SELECT_STATE} WHERE slug = ?", (slug,))
         if rows:
             return _state_from_row(rows[0])
         archived = self._query("SELECT row FROM forge_state_archive WHERE slug = ?", (slug,))
@@ -360,14 +372,17 @@ class Store:
                 "DELETE FROM forge_state WHERE owner = ? AND repo = ? AND issue_number = ?", (owner, repo, issue)
             )
 
-    def all(self) -> list[ForgeState]:
-        rows = self._query("SELECT * FROM forge_state ORDER BY owner, repo, issue_number")
+    def all(self, *, live_only: bool = False) -> list[ForgeState]:
+        where = ""
+        if live_only:
+            where = " WHERE status IN ({})".format(", ".join(f"'{s.value}'" for s in BottleState if s.live))
+        rows = self._query(f"{_SELECT_STATE}{where} ORDER BY owner, repo, issue_number")
         return [_state_from_row(r) for r in rows]
 
     def with_status(self, *states: BottleState) -> list[ForgeState]:
         marks = ", ".join("?" for _ in states)
         rows = self._query(
-            f"SELECT * FROM forge_state WHERE status IN ({marks}) ORDER BY queued_seq, slug", [s.value for s in states]
+            f"{_SELECT_STATE} WHERE status IN ({marks}) ORDER BY queued_seq, slug", [s.value for s in states]
         )
         return [_state_from_row(r) for r in rows]
 
@@ -647,6 +662,6 @@ class Store:
 
     def by_pr(self, owner: str, repo: str, pr: int) -> ForgeState | None:
         rows = self._query(
-            "SELECT * FROM forge_state WHERE owner = ? AND repo = ? AND pr_number = ?", (owner, repo, pr)
+            f"{_SELECT_STATE} WHERE owner = ? AND repo = ? AND pr_number = ?", (owner, repo, pr)
         )
         return _state_from_row(rows[0]) if rows else None

@@ -116,6 +116,9 @@ def test_orchestrate_start_resume_destroy_through_admin_socket(rig: Rig) -> None
     assert not (rig.state_dir / "bottles" / slug / "workspace").exists()
     assert wait_until(lambda: not processes_mentioning(str(rig.state_dir / "bottles" / slug)), timeout=10)
     assert [t["trigger"] for t in rig.store.transitions(slug)] == ["launch", "done", "rehydrate", "destroy"]
+    assert cli(rig.state_dir, "orchestrate", "status").stdout.strip() == "no live bottles"
+    every = cli(rig.state_dir, "orchestrate", "status", "--all").stdout.splitlines()
+    assert [row.split()[:2] for row in every[1:]] == [[slug, "destroyed"]]
     unknown = cli(rig.state_dir, "orchestrate", "destroy", "--slug", "no-such-bottle")
     assert unknown.returncode == 1 and "no bottle" in unknown.stderr
     hostile = cli(rig.state_dir, "orchestrate", "destroy", "--slug", "../../etc")
