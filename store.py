@@ -354,9 +354,7 @@ class Store:
             tx.execute(sql, list(row.values()))
 
     def get(self, owner: str, repo: str, issue: int) -> ForgeState | None:
-        rows = self._query(
-            f"{_SELECT_STATE} WHERE owner = ? AND repo = ? AND issue_number = ?", (owner, repo, issue)
-        )
+        rows = self._query(f"{_SELECT_STATE} WHERE owner = ? AND repo = ? AND issue_number = ?", (owner, repo, issue))
         return _state_from_row(rows[0]) if rows else None
 
     def by_slug(self, slug: str) -> ForgeState | None:
@@ -661,7 +659,5 @@ class Store:
         return int(rows[0]["n"])
 
     def by_pr(self, owner: str, repo: str, pr: int) -> ForgeState | None:
-        rows = self._query(
-            f"{_SELECT_STATE} WHERE owner = ? AND repo = ? AND pr_number = ?", (owner, repo, pr)
-        )
+        rows = self._query(f"{_SELECT_STATE} WHERE owner = ? AND repo = ? AND pr_number = ?", (owner, repo, pr))
         return _state_from_row(rows[0]) if rows else None

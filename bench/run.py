@@ -35,7 +35,7 @@ import httpx  # noqa: E402
 
 import devforge as df  # noqa: E402
 from bottles import find_bwrap  # noqa: E402
-from forgebottle import Config, Service, create_app  # noqa: E402
+from forgebottle import Config, Service, create_app, run_server  # noqa: E402
 from gitea import Gitea, Secret  # noqa: E402
 from statemachine import BottleState  # noqa: E402
 from store import ForgeState, Store  # noqa: E402
@@ -144,7 +144,6 @@ def _signed(n: int, run: str, action: str = "opened") -> bytes:
 
 def serve_target(kind: str, port: int, state: str, api_url: str = "", token: str = "") -> None:
     """Child process: the endpoint under test, on the same uvicorn settings."""
-    import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse
@@ -169,7 +168,8 @@ def serve_target(kind: str, port: int, state: str, api_url: str = "", token: str
         store = Store(config.db_path)
         gitea = Gitea(config.api_url, config.token.reveal())
         app = create_app(config, store, gitea, service=Service(config, store, gitea))
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    # Both targets run as `serve` does: the same uvicorn settings and process set-up.
+    run_server(app, f"127.0.0.1:{port}")
 
 
 @contextlib.contextmanager
