@@ -59,10 +59,12 @@ from bottles import (
     find_bwrap,
 )
 from gitea import (
+    Comment,
     Forge,
     ForgeError,
     ForgeUnavailable,
     Gitea,
+    Issue,
     OrgNotVisible,
     PullRequest,
     Repo,
@@ -575,6 +577,21 @@ def _number(data: Any, key: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31 else 0
 
 
+def _labelled_for_an_agent(issue: Mapping[str, Any]) -> bool:
+    labels = issue.get("labels")
+    return isinstance(labels, list) and any(
+        isinstance(label, dict) and _text(label, "name").startswith("bot-bottle:") for label in labels
+    )
+
+
+def _discard(task: asyncio.Task[Any]) -> None:
+    """Cancel a task whose result is no longer wanted, or take its exception so none is logged."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()
+
+
 @dataclasses.dataclass
 class Decision:
     """What one webhook event comes to. ``apply`` writes its effects in the event's transaction."""
@@ -883,8 +900,23 @@ class Service:
             return ignored("payload names no issue")
         if self.bot and sender.lower() == self.bot.login.lower():
             return ignored(f"sent by forgebottle's own user {sender}")
-        # The payload may be a replay of an old state: decide on the issue as it is now.
-        issue = await self.forge.read_issue(owner, repo, number)
+        # The payload may be a replay of an old state: decide on the issue as it is now. When
+        # the payload says the issue is labelled for an agent, read its comments (the prompt
+        # needs them) at the same time: a launch then waits for two forge round trips, not three.
+        comments: asyncio.Task[list[Comment]] | None = None
+        if _labelled_for_an_agent(_obj(payload, "issue")):
+            comments = asyncio.create_task(self.forge.read_comments(owner, repo, number))
+        try:
+            issue = await self.forge.read_issue(owner, repo, number)
+            return await self._on_current_issue(kind, owner, repo, issue, comments)
+        finally:
+            if comments is not None:
+                _discard(comments)
+
+    async def _on_current_issue(
+        self, kind: str, owner: str, repo: str, issue: Issue, comments: asyncio.Task[list[Comment]] | None
+    ) -> Decision:
+        number = issue.number
         if issue.is_pull:
             return ignored(f"#{number} is a pull request")
         if issue.state != "open":
@@ -907,7 +939,7 @@ class Service:
         # Membership and the prompt snapshot are independent reads: make them together.
         flags, (prompt, seen) = await asyncio.gather(
             asyncio.gather(*(self._is_member(a) for a in issue.assignees)),
-            self._snapshot(owner, repo, number, issue.title, issue.body),
+            self._snapshot(owner, repo, number, issue.title, issue.body, comments),
         )
         members = [a for a, member in zip(issue.assignees, flags, strict=True) if member]
         if not members:
@@ -929,10 +961,19 @@ class Service:
     async def _is_member(self, user: str) -> bool:
         return await self.forge.is_org_member(self.config.org, user)
 
-    async def _snapshot(self, owner: str, repo: str, number: int, title: str, body: str) -> tuple[str, int]:
-        """The trusted prompt: title, body, and comments by org members only."""
+    async def _snapshot(
+        self,
+        owner: str,
+        repo: str,
+        number: int,
+        title: str,
+        body: str,
+        fetched: Awaitable[list[Comment]] | None = None,
+    ) -> tuple[str, int]:
+        """The trusted prompt: title, body, and comments by org members only (``fetched``: the
+        comments, if their read is already under way)."""
         parts = [f"# {title}", "", _cap(body)]
-        found = await self.forge.read_comments(owner, repo, number)
+        found = await (fetched if fetched is not None else self.forge.read_comments(owner, repo, number))
         authors = sorted({c.user for c in found})
         trusted = dict(zip(authors, await asyncio.gather(*(self._is_member(a) for a in authors)), strict=True))
         comments = []

@@ -265,3 +265,33 @@ def test_a_comment_in_the_launch_prompt_is_not_delivered_again(rig: Rig) -> None
     assert rig.store.pending(state.slug) == []
     rig.go(state.slug, 1)
     rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
+
+
+def test_a_stale_label_in_the_payload_is_decided_on_the_issue_as_it_is(rig: Rig) -> None:
+    # A payload that still shows a bot-bottle label makes forgebottle read the comments early
+    # (alongside the issue); the issue as it is now decides, and the early read, even failing,
+    # leaves no trace in the decision.
+    member = rig.forge.world.member.login
+    issue = rig.open_issue(labels=[], assignee=member)
+    rig.wait_events_done()
+    # The early read may be cancelled before it is sent (the issue read decided first) or
+    # answered with this 500; either way the event is decided on the issue alone.
+    comments_path = f"/issues/{issue.number}/comments"
+    rig.forge.dev.fault = lambda request: 500 if request.url.path.endswith(comments_path) else None
+    payload = json.dumps(
+        {
+            "action": "edited",
+            "number": issue.number,
+            "issue": {"number": issue.number, "labels": [{"name": "bot-bottle:happy"}]},
+            "repository": {"name": rig.forge.repo, "owner": {"login": rig.forge.owner}},
+            "sender": {"login": member},
+        }
+    ).encode()
+    answer = post_webhook(rig.url, payload, "issues", signature=sign(payload))
+    assert answer.status_code == 202
+    rig.wait_events_done()
+    event = rig.store.event(answer.json()["event"])
+    assert event is not None and event.status == "ignored"
+    assert event.reason == f"issue #{issue.number} has no bot-bottle:<agent> label"
+    assert rig.bottle(issue.number) is None
+    rig.forge.dev.fault = None
