@@ -355,6 +355,14 @@ def sidecar_app(access: BottleAccess) -> Starlette:
 
 
 class QuietServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = asyncio.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        self.ready.set()
+
     # The service's own uvicorn server owns SIGINT/SIGTERM; a second server capturing them
     # would swallow the service's shutdown.
     @contextlib.contextmanager
@@ -394,11 +402,14 @@ class UnixServer:
         )
         self._server = QuietServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name=f"unix:{self.path}")
-        while not self._server.started:
+        ready = asyncio.create_task(self._server.ready.wait())
+        # A launch waits for this, so wait for the event rather than poll for it.
+        await asyncio.wait([ready, self._task], return_when=asyncio.FIRST_COMPLETED)
+        if not self._server.started:
+            ready.cancel()
             if self._task.done():
                 self._task.result()
-                raise ForgeBottleError(f"could not serve {self.path}")
-            await asyncio.sleep(0.005)
+            raise ForgeBottleError(f"could not serve {self.path}")
 
     async def stop(self) -> None:
         if self._server is None or self._task is None:
