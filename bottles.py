@@ -357,6 +357,12 @@ async def run_git(
         proc.kill()
         await proc.wait()
         raise BottleError(f"git {args[0] if args else ''} timed out after {timeout:.0f}s") from None
+    except asyncio.CancelledError:
+        # Whoever wanted this git no longer does (shutdown, a clone made ahead and not needed):
+        # do not leave it running, holding the token, unwatched.
+        proc.kill()
+        await asyncio.shield(proc.wait())
+        raise
     if check and proc.returncode != 0:
         message = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
         text = message[0]
@@ -364,6 +370,34 @@ async def run_git(
             text = text.replace(secret, "***")
         raise BottleError(f"git {args[0] if args else ''} failed: {text}")
     return out.decode(errors="replace").strip()
+
+
+async def clone_workspace(dest: Path, *, clone_url: str, branch: str, git_user: str, token: Secret) -> None:
+    """Clone the forge's repository into ``dest`` with ``branch`` checked out: the forge's
+    branch of that name if there is one, else a new branch from the default branch."""
+    ws = str(dest)
+    # A fresh directory no agent has touched yet: safe to clone into with the token
+    # (given to this one process; the workspace's config never holds it).
+    await run_git(
+        [
+            "clone",
+            "-q",
+            "--no-tags",
+            "-c",
+            f"user.name={git_user}",
+            "-c",
+            f"user.email={git_user}@users.noreply.forgebottle",
+            clone_url,
+            ws,
+        ],
+        auth=(git_user, token),
+        redact=[token.reveal()],
+    )
+    existing = await run_git(["-C", ws, "rev-parse", "--verify", "-q", f"refs/remotes/origin/{branch}"], check=False)
+    if existing:
+        await run_git(["-C", ws, "checkout", "-q", "-b", branch, f"origin/{branch}"])
+    else:
+        await run_git(["-C", ws, "checkout", "-q", "-b", branch])
 
 
 # -- processes ------------------------------------------------------------------------------
@@ -459,31 +493,9 @@ class Backend(abc.ABC):
             os.chmod(directory, 0o700)
         if (paths.workspace / ".git").exists():
             return
-        ws = str(paths.workspace)
-        # A fresh directory no agent has touched yet: safe to clone into with the token
-        # (given to this one process; the workspace's config never holds it).
-        await run_git(
-            [
-                "clone",
-                "-q",
-                "--no-tags",
-                "-c",
-                f"user.name={ctx.git_user}",
-                "-c",
-                f"user.email={ctx.git_user}@users.noreply.forgebottle",
-                ctx.clone_url,
-                ws,
-            ],
-            auth=(ctx.git_user, ctx.token),
-            redact=[ctx.token.reveal()],
+        await clone_workspace(
+            paths.workspace, clone_url=ctx.clone_url, branch=ctx.branch, git_user=ctx.git_user, token=ctx.token
         )
-        existing = await run_git(
-            ["-C", ws, "rev-parse", "--verify", "-q", f"refs/remotes/origin/{ctx.branch}"], check=False
-        )
-        if existing:
-            await run_git(["-C", ws, "checkout", "-q", "-b", ctx.branch, f"origin/{ctx.branch}"])
-        else:
-            await run_git(["-C", ws, "checkout", "-q", "-b", ctx.branch])
 
     async def sync_mirror(self, ctx: BottleContext) -> str:
         """Create or refresh the bottle's mirror; its refs/heads are the forge's branches now."""

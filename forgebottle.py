@@ -55,6 +55,7 @@ from bottles import (
     PushResult,
     RunHandle,
     check_slug,
+    clone_workspace,
     exposed,
     find_bwrap,
 )
@@ -608,6 +609,14 @@ def ignored(reason: str, slug: str = "") -> Decision:
 
 
 @dataclasses.dataclass
+class CloneAhead:
+    """A workspace cloned while the launch is still being decided (into ``path``/workspace)."""
+
+    path: Path
+    task: asyncio.Task[None]
+
+
+@dataclasses.dataclass
 class ActiveRun:
     ctx: BottleContext
     run: int
@@ -665,6 +674,7 @@ class Service:
         self._intake: list[tuple[NewEvent, asyncio.Future[tuple[int, bool]]]] = []
         self._committer: asyncio.Task[None] | None = None
         self._last_intake = 0.0
+        self._ahead: dict[tuple[str, str, int], CloneAhead] = {}
         self.secrets = config.secrets()
 
     # -- start and stop ------------------------------------------------------------
@@ -682,6 +692,8 @@ class Service:
         self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.config.state_dir, 0o700)
         install_tools(self.config.state_dir / "tools")
+        # Clones made ahead by a previous process belong to decisions it did not finish.
+        shutil.rmtree(self._clones_dir, ignore_errors=True)
         await self.recover()
         self._admin = UnixServer(admin_app(self), self.config.admin_socket, limit_concurrency=16)
         await self._admin.start()
@@ -713,6 +725,8 @@ class Service:
                     await active.monitor
         if self._admin is not None:
             await self._admin.stop()
+        for key in list(self._ahead):
+            await self._drop_ahead(key)
         await self.forge.aclose()
 
     async def recover(self) -> None:
@@ -903,15 +917,22 @@ class Service:
         # The payload may be a replay of an old state: decide on the issue as it is now. When
         # the payload says the issue is labelled for an agent, read its comments (the prompt
         # needs them) at the same time: a launch then waits for two forge round trips, not three.
+        # For the same reason the workspace clone starts now too: it is most of a launch.
         comments: asyncio.Task[list[Comment]] | None = None
         if _labelled_for_an_agent(_obj(payload, "issue")):
             comments = asyncio.create_task(self.forge.read_comments(owner, repo, number))
+            self._clone_ahead(owner, repo, number, _obj(payload, "issue"))
+        launch = False
         try:
             issue = await self.forge.read_issue(owner, repo, number)
-            return await self._on_current_issue(kind, owner, repo, issue, comments)
+            decision = await self._on_current_issue(kind, owner, repo, issue, comments)
+            launch = decision.apply is not None
+            return decision
         finally:
             if comments is not None:
                 _discard(comments)
+            if not launch:
+                await self._drop_ahead((owner, repo, number))
 
     async def _on_current_issue(
         self, kind: str, owner: str, repo: str, issue: Issue, comments: asyncio.Task[list[Comment]] | None
@@ -957,6 +978,66 @@ class Service:
             source=f"issue #{number} (assigned to {members[0]})",
             seen_comment_id=seen,
         )
+
+    @property
+    def _clones_dir(self) -> Path:
+        return self.config.state_dir / "clones"
+
+    def _clone_ahead(self, owner: str, repo: str, number: int, issue: Mapping[str, Any]) -> None:
+        """Start cloning the workspace of a launch that is likely but not yet decided."""
+        key = (owner, repo, number)
+        labels = issue.get("labels")
+        names = [_text(label, "name") for label in labels] if isinstance(labels, list) else []
+        bottles = [name.split(":", 1)[1] for name in names if name.startswith("bot-bottle-bottle:")]
+        try:
+            spec = self.config.bottle(bottles[:1] or ["local"])
+        except ConfigError:
+            return
+        existing = self.store.get(owner, repo, number)
+        if key in self._ahead or spec.backend != "local" or (existing is not None and existing.status.live):
+            return
+        self._clones_dir.mkdir(mode=0o700, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix=f"{number}-", dir=self._clones_dir))
+
+        async def clone() -> None:
+            found = await self._repo(owner, repo)
+            await clone_workspace(
+                path / "workspace",
+                clone_url=found.clone_url,
+                branch=branch_for(number),
+                git_user=self.bot.login if self.bot else "forgebottle",
+                token=self.config.token,
+            )
+
+        self._ahead[key] = CloneAhead(path, asyncio.create_task(clone(), name=f"clone-ahead:{owner}/{repo}#{number}"))
+
+    async def _drop_ahead(self, key: tuple[str, str, int]) -> None:
+        ahead = self._ahead.pop(key, None)
+        if ahead is None:
+            return
+        ahead.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await ahead.task
+        await asyncio.to_thread(shutil.rmtree, ahead.path, True)
+
+    async def _adopt_ahead(self, ctx: BottleContext) -> None:
+        """Move a workspace cloned ahead into the bottle; if that clone failed, prepare clones."""
+        key = (ctx.owner, ctx.repo, ctx.issue)
+        if ctx.bottle.backend != "local":
+            await self._drop_ahead(key)  # the payload's bottle label was not the issue's
+            return
+        ahead = self._ahead.pop(key, None)
+        if ahead is None:
+            return
+        try:
+            await ahead.task
+            if not ctx.paths.workspace.exists():
+                ctx.paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+                os.rename(ahead.path / "workspace", ctx.paths.workspace)
+        except (ForgeBottleError, OSError) as exc:
+            log.info("%s: the clone made ahead failed (%s); cloning again", ctx.slug, exc, extra={"slug": ctx.slug})
+        finally:
+            await asyncio.to_thread(shutil.rmtree, ahead.path, True)
 
     async def _is_member(self, user: str) -> bool:
         return await self.forge.is_org_member(self.config.org, user)
@@ -1314,7 +1395,7 @@ class Service:
         sidecar = UnixServer(sidecar_app(_Access(self, active)), ctx.paths.socket)
         active.sidecar = sidecar
         # The socket comes up while the workspace is cloned; the agent starts once both are ready.
-        prepared, started = await asyncio.gather(backend.prepare(ctx), sidecar.start(), return_exceptions=True)
+        prepared, started = await asyncio.gather(self._prepare(backend, ctx), sidecar.start(), return_exceptions=True)
         for outcome in (prepared, started):
             if isinstance(outcome, BaseException):
                 await sidecar.stop()
@@ -1339,6 +1420,10 @@ class Service:
                 extra={"slug": ctx.slug},
             )
         return active
+
+    async def _prepare(self, backend: Backend, ctx: BottleContext) -> None:
+        await self._adopt_ahead(ctx)
+        await backend.prepare(ctx)
 
     async def _monitor(self, active: ActiveRun) -> None:
         assert active.handle is not None and active.sidecar is not None
@@ -1433,6 +1518,7 @@ class Service:
             await self._stop_agent(active, grace=2.0)
             if active.monitor is not None:
                 await active.monitor
+        await self._drop_ahead((state.owner, state.repo, state.issue_number))
         async with self._locks[slug]:
             state = self._known(slug)
             if state.status.live:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable
 from urllib.parse import urlencode
 
 from statemachine import BottleState
-from tests.conftest import Rig, needs_bwrap, post_webhook, read_when, sign
+from tests.conftest import Rig, needs_bwrap, post_webhook, processes_mentioning, read_when, sign
 
 pytestmark = needs_bwrap
 
@@ -22,11 +23,28 @@ def test_launch_on_label_and_member_assignment(rig: Rig) -> None:
     rig.wait_events_done()
     assert rig.bottle(issue.number) is None
     assert "none is a member" in rig.event_reasons()[0]
+    # The label started a clone ahead of the decision; the refusal removed it, git and all.
+    clones = rig.state_dir / "clones"
+    assert clones.is_dir() and list(clones.iterdir()) == []
+    assert processes_mentioning(str(clones)) == []
     dev.assign(rig.forge.owner, rig.forge.repo, issue.number, [world.member.login], by=world.member.login)
     state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
     assert state.agent_name == "happy" and state.pr_number is not None
     assert [t["trigger"] for t in rig.store.transitions(state.slug)] == ["launch", "done"]
     assert rig.store.runs(state.slug)[0]["trigger"] == "issue_assign"
+    # The launch adopted the clone made ahead: it is the workspace, on the bottle's branch.
+    assert list(clones.iterdir()) == []
+    workspace = rig.state_dir / "bottles" / state.slug / "workspace"
+    head = subprocess.run(["git", "-C", str(workspace), "branch", "--show-current"], capture_output=True, text=True)
+    assert head.stdout.strip() == f"bot-bottle/issue-{issue.number}"
+
+
+def test_clones_left_by_a_previous_process_are_removed_at_start(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    stale = rig.state_dir / "clones" / "7-abandoned" / "workspace"
+    stale.mkdir(parents=True)
+    rig.start()
+    assert not (rig.state_dir / "clones").exists()
 
 
 def test_no_launch_for_outsider_assignee_or_unknown_agent(rig: Rig) -> None:
