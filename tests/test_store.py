@@ -182,3 +182,13 @@ def test_migrates_forward_from_version_1(tmp_path: Path) -> None:
     assert store.version == len(MIGRATIONS)
     old = store.by_slug("o-r-1")
     assert old is not None and old.status is BottleState.FROZEN and (old.api_url, old.org) == ("", "")
+
+
+def test_durable_transactions_sync_fully_and_others_normally(store: Store) -> None:
+    # SQLite: synchronous 2 is FULL (fsync per commit), 1 is NORMAL. The mode is set only when
+    # it changes, so check it across every switch.
+    seen = []
+    for durable in (True, True, False, False, True, False):
+        with store.transaction(durable=durable) as db:
+            seen.append(int(db.execute("PRAGMA synchronous").fetchone()[0]))
+    assert seen == [2, 2, 1, 1, 2, 1]
