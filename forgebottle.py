@@ -1030,14 +1030,18 @@ class Service:
         if ahead is None:
             return
         try:
-            await ahead.task
-            if not ctx.paths.workspace.exists():
+            await asyncio.wait([ahead.task])  # the clone's own failure is not ours: see below
+            failure = "cancelled" if ahead.task.cancelled() else ahead.task.exception()
+            if failure is None and not ctx.paths.workspace.exists():
                 ctx.paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
                 os.rename(ahead.path / "workspace", ctx.paths.workspace)
-        except (ForgeBottleError, OSError) as exc:
-            log.info("%s: the clone made ahead failed (%s); cloning again", ctx.slug, exc, extra={"slug": ctx.slug})
+        except OSError as exc:
+            failure = exc
         finally:
             await asyncio.to_thread(shutil.rmtree, ahead.path, True)
+        if failure is not None:
+            # prepare() clones as it would have without a clone made ahead.
+            log.info("%s: the clone made ahead failed (%s); cloning again", ctx.slug, failure, extra={"slug": ctx.slug})
 
     async def _is_member(self, user: str) -> bool:
         return await self.forge.is_org_member(self.config.org, user)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 from collections.abc import Callable
 from urllib.parse import urlencode
+
+import pytest
+from starlette.requests import Request
 
 from statemachine import BottleState
 from tests.conftest import Rig, needs_bwrap, post_webhook, processes_mentioning, read_when, sign
@@ -313,3 +317,22 @@ def test_a_stale_label_in_the_payload_is_decided_on_the_issue_as_it_is(rig: Rig)
     assert event.reason == f"issue #{issue.number} has no bot-bottle:<agent> label"
     assert rig.bottle(issue.number) is None
     rig.forge.dev.fault = None
+
+
+def test_a_failed_clone_ahead_is_cloned_again_at_launch(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    failed: list[str] = []
+
+    def fail_the_first_clone(request: Request) -> int | None:
+        if request.url.path.endswith("/info/refs") and not failed:
+            failed.append(request.url.path)
+            return 500
+        return None
+
+    rig.forge.dev.fault = fail_the_first_clone
+    with caplog.at_level(logging.INFO, logger="forgebottle"):
+        _, state = rig.run_once()
+    rig.forge.dev.fault = None
+    assert failed, "the clone made ahead should have met the fault"
+    assert state.pr_number is not None
+    assert any("the clone made ahead failed" in r.getMessage() for r in caplog.records)
+    assert list((rig.state_dir / "clones").iterdir()) == []
