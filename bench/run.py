@@ -157,6 +157,16 @@ def serve_target(kind: str, port: int, state: str, api_url: str = "", token: str
             return JSONResponse({"status": "queued"}, status_code=202)
 
         app = Starlette(routes=[Route("/webhook", webhook, methods=["POST"])])
+    elif kind == "bare_rpc":
+        # The floor of any sidecar built as DESIGN.md asks (Starlette on uvicorn, h11): one
+        # POST /rpc on a Unix socket, answered with a constant, nothing validated or recorded.
+        async def rpc(request: Request) -> JSONResponse:
+            await request.body()
+            return JSONResponse({"jsonrpc": "2.0", "id": 1, "result": {}})
+
+        app = Starlette(routes=[Route("/rpc", rpc, methods=["POST"])])
+        run_server(app, f"unix:{Path(state).resolve() / 'rpc.sock'}")
+        return
     else:
         config = Config(
             api_url=api_url,
@@ -424,6 +434,26 @@ def bench_sidecar(sizes: Sizes, root: Path) -> dict[str, Any]:
         }
         tool = [sys.executable, str(ROOT / "forge_client.py")]
         env = {"PATH": os.environ["PATH"], "FORGE_SIDECAR_SOCKET": str(sock)}
+        floor_dir = root / "bare_rpc"
+        floor_dir.mkdir()
+        floor = subprocess.Popen(
+            [sys.executable, __file__, "_serve", "bare_rpc", "0", str(floor_dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            floor_sock = floor_dir / "rpc.sock"
+            deadline = time.monotonic() + 30
+            while not floor_sock.exists():
+                if time.monotonic() > deadline or floor.poll() is not None:
+                    raise RuntimeError("the bare JSON-RPC endpoint did not start")
+                time.sleep(0.02)
+            bare_rpc = httpx.Client(transport=httpx.HTTPTransport(uds=str(floor_sock)), base_url="http://bare")
+            call = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "whoami", "params": {}}).encode()
+            results["bare_rpc_floor"] = timed(lambda: bare_rpc.post("/rpc", content=call).json()["result"], n)
+        finally:
+            floor.terminate()
+            floor.wait(timeout=30)
         results["tool_whoami"] = timed(
             lambda: subprocess.run([*tool, "whoami"], env=env, check=True, capture_output=True), sizes.tool_calls
         )
