@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -279,6 +281,53 @@ def test_forge_tool_prints_json_and_fails_cleanly(running: Callable[..., Sidecar
         [*tool, "whoami"], env={**env, "FORGE_SIDECAR_SOCKET": "/nonexistent/sock"}, capture_output=True, text=True
     )
     assert gone.returncode == 1 and "cannot reach the sidecar" in gone.stderr
+
+
+def test_forge_tool_reads_long_answers_whole(running: Callable[..., Sidecar]) -> None:
+    sc = running()
+    long_body = "x" * 300_000  # many socket reads' worth
+    forge = sc.rig.forge
+    forge.dev.edit_issue(forge.owner, forge.repo, sc.state.issue_number, body=long_body, by=forge.world.member.login)
+    env = {"PATH": os.environ["PATH"], "FORGE_SIDECAR_SOCKET": str(sc.path)}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "forge_client.py"), "read-issue", str(sc.state.issue_number)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout)["body"] == long_body
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (b"SSH-2.0-not-http\r\n", "did not answer in HTTP"),
+        (b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 3\r\n\r\noh!", "answered HTTP 502 without JSON"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]", "something other than a JSON-RPC response"),
+    ],
+)
+def test_forge_tool_names_a_socket_that_is_not_a_sidecar(tmp_path: Path, answer: bytes, message: str) -> None:
+    path = tmp_path / "forge.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(1)
+
+        def answer_once() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answer)
+
+        thread = threading.Thread(target=answer_once)
+        thread.start()
+        env = {"PATH": os.environ["PATH"], "FORGE_SIDECAR_SOCKET": str(path)}
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "forge_client.py"), "whoami"], env=env, capture_output=True, text=True
+        )
+        thread.join(timeout=10)
+    assert out.returncode == 1 and out.stdout == ""
+    assert message in out.stderr and len(out.stderr.splitlines()) == 1
 
 
 def test_agent_that_lingers_after_done_is_stopped(rig_factory: Callable[..., Rig]) -> None:
