@@ -1796,9 +1796,13 @@ async def _error_response(request: Request, exc: Exception) -> Response:
 
 
 def verify_signature(secret: Secret, body: bytes, signature: str) -> bool:
-    expected = hmac.new(secret.reveal().encode(), body, hashlib.sha256).hexdigest()
-    # compare_digest on equal-type str; a non-hex or wrong-length header just fails.
-    return hmac.compare_digest(expected, signature.strip().lower())
+    # Compared as bytes: compare_digest refuses non-ASCII str (a TypeError, so a 500, for a
+    # header with a byte over 0x7f). Non-hex or a wrong length just fails.
+    try:
+        given = bytes.fromhex(signature.strip())
+    except ValueError:
+        return False
+    return hmac.compare_digest(hmac.digest(secret.reveal().encode(), body, "sha256"), given)
 
 
 def _loopback(request: Request) -> bool:

@@ -8,6 +8,7 @@ import subprocess
 from collections.abc import Callable
 from urllib.parse import urlencode
 
+import httpx
 import pytest
 from starlette.requests import Request
 
@@ -79,7 +80,16 @@ def test_bad_or_missing_signature_is_401_and_stores_nothing(rig: Rig) -> None:
     assert post_webhook(rig.url, body, signature="0" * 64).status_code == 401
     assert post_webhook(rig.url, body, signature=sign(body, "wrong-secret")).status_code == 401
     assert post_webhook(rig.url, body, signature="not hex at all").status_code == 401
+    # Found while reading the code: a non-ASCII header reached hmac.compare_digest as str (500).
+    latin = httpx.post(
+        f"{rig.url}/webhook",
+        content=body,
+        headers={b"X-Gitea-Event-Type": b"issues", b"X-Gitea-Signature": b"\xe9" * 64},
+        timeout=10,
+    )
+    assert latin.status_code == 401
     assert rig.store.events(10) == []
+    assert post_webhook(rig.url, body, signature=sign(body).upper()).status_code == 202  # hex is hex
 
 
 def test_malformed_and_oversized(rig: Rig) -> None:
