@@ -932,7 +932,7 @@ class DevForge:
             return None
         with self._lock:
             for rec in self.users.values():
-                if hmac.compare_digest(rec.token, token):
+                if hmac.compare_digest(rec.token.encode(), token.encode()):  # str would refuse non-ASCII
                     return rec
         raise DevForgeError(401, "invalid username, password or token")
 

@@ -232,3 +232,9 @@ def test_open_pr_adds_closing_keyword_and_joins_scope(forge: Forge) -> None:
     assert again.number == pr.number
     assert pr.body.endswith("Closes #1")
     assert scoped.writable == [1, pr.number]
+
+
+def test_devforge_answers_401_to_a_token_with_non_ascii_bytes(forge: Forge) -> None:
+    # As Gitea does; the comparison once raised TypeError (a 500) for such a header.
+    answer = httpx.get(f"{forge.api}/user", headers={b"Authorization": b"token \xe9\xe9"}, timeout=10)
+    assert answer.status_code == 401
