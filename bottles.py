@@ -530,6 +530,10 @@ class Backend(abc.ABC):
     async def stop(self, ctx: BottleContext, handle: RunHandle, grace: float) -> int:
         return await handle.stop(grace)
 
+    async def recovered(self, ctx: BottleContext) -> None:  # noqa: B027 - a hook; most backends need nothing
+        """A restarted forgebottle found this bottle's run unfinished: release what may have
+        outlived the old process. Local agents ran under ``bwrap --die-with-parent``: nothing."""
+
     async def destroy(self, ctx: BottleContext) -> None:
         shutil.rmtree(ctx.paths.workspace, ignore_errors=True)
         shutil.rmtree(ctx.paths.mirror, ignore_errors=True)
@@ -787,6 +791,11 @@ class CommandBackend(Backend):
     async def stop(self, ctx: BottleContext, handle: RunHandle, grace: float) -> int:
         await self._run(ctx, ctx.bottle.stop)
         return await handle.stop(grace)
+
+    async def recovered(self, ctx: BottleContext) -> None:
+        # The launcher's resources (a VM, a container) do not die with forgebottle; its `stop`
+        # command is the one way to release them.
+        await self._run(ctx, ctx.bottle.stop)
 
     async def destroy(self, ctx: BottleContext) -> None:
         await self._run(ctx, ctx.bottle.destroy)

@@ -730,19 +730,29 @@ class Service:
         await self.forge.aclose()
 
     async def recover(self) -> None:
-        """After a restart: no agent of ours survives (--die-with-parent), so running means exited."""
-        for state in self.store.with_status(BottleState.RUNNING):
+        """After a restart: no agent of ours survives (--die-with-parent), so running means exited.
+        A command bottle's launcher may have left resources running: it is asked to stop them."""
+        stale = self.store.with_status(BottleState.RUNNING)
+        for state in stale:
             last = self.store.last_run(state.slug)
             if last is not None and last["ended_at"] is None:
                 self.store.update_run(state.slug, int(last["n"]), ended_at=utcnow(), error="orchestrator restarted")
             with contextlib.suppress(FileNotFoundError):
                 BottlePaths(self.config.state_dir, state.slug).socket.unlink()
             self._transition(state, Trigger.EXITED, "orchestrator restarted")
+        await asyncio.gather(*(self._release(state) for state in stale))
         for state in self.store.with_status(BottleState.DESTROYED):
             paths = BottlePaths(self.config.state_dir, state.slug)
             if paths.workspace.exists():
                 shutil.rmtree(paths.workspace, ignore_errors=True)
                 shutil.rmtree(paths.mirror, ignore_errors=True)
+
+    async def _release(self, state: ForgeState) -> None:
+        try:
+            ctx = await self._context(state, offline=True)
+            await self.backend(ctx).recovered(ctx)
+        except (ForgeBottleError, OSError) as exc:
+            log.warning("%s: could not release the interrupted run: %s", state.slug, exc, extra={"slug": state.slug})
 
     # -- webhook intake (called by the HTTP handler, before the answer) -------------
 

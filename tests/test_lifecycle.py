@@ -18,6 +18,7 @@ from statemachine import BottleState
 from store import Store
 from tests.conftest import (
     ROOT,
+    WEBHOOK_SECRET,
     Forge,
     Rig,
     ServeProcess,
@@ -229,6 +230,47 @@ def test_kill_9_then_restart_processes_every_acknowledged_event_once(
         launches = [t for t in store.transitions(state.slug) if t["trigger"] == "launch"]
         assert len(launches) == 1
     assert httpx.get(f"{serve.url}/healthz").json()["status"] == "ok"
+    assert serve.stop() == 0
+
+
+RESIDENT_LAUNCHER = r"""#!/bin/sh
+# A launcher whose resource outlives forgebottle (as a VM or a container would) until `stop`.
+here="$(dirname "$0")"
+echo "$2" > "$here/launcher-$1"
+if [ "$1" = start ]; then
+  while [ ! -f "$here/stopped" ]; do sleep 0.05; done
+fi
+if [ "$1" = stop ]; then
+  touch "$here/stopped"
+fi
+"""
+
+
+def test_restart_asks_a_command_launcher_to_stop_the_interrupted_run(
+    forge: Forge, serve_factory: Callable[..., ServeProcess], short_tmp: Path
+) -> None:
+    launcher = short_tmp / "resident" / "launcher.sh"
+    launcher.parent.mkdir()
+    launcher.write_text(RESIDENT_LAUNCHER)
+    launcher.chmod(0o755)
+    serve = serve_factory(
+        extra_toml=(
+            f'[bottles.ext]\nbackend = "command"\nsandbox = "none"\n'
+            f'start = ["{launcher}", "start", "{{slug}}"]\nstop = ["{launcher}", "stop", "{{slug}}"]\n'
+        )
+    ).start()
+    forge.dev.add_hook(forge.owner, forge.repo, f"{serve.url}/webhook", WEBHOOK_SECRET)
+    issue = open_issue(forge, labels=["bot-bottle:happy", "bot-bottle-bottle:ext"])
+    store = Store(serve.state_dir / "bot-bottle.db")
+    wait_until(lambda: status(store, forge, issue.number) is BottleState.RUNNING, what="the command bottle to run")
+    state = store.get(forge.owner, forge.repo, issue.number)
+    assert state is not None and (launcher.parent / "launcher-start").read_text().strip() == state.slug
+    serve.kill9()
+    assert processes_mentioning(str(launcher)), "the launcher's run outlives forgebottle, as a VM would"
+    serve.start()
+    wait_until(lambda: status(store, forge, issue.number) is BottleState.FROZEN, what="recovery")
+    assert (launcher.parent / "launcher-stop").read_text().strip() == state.slug
+    assert wait_until(lambda: not processes_mentioning(str(launcher)), timeout=10, what="the resident run to stop")
     assert serve.stop() == 0
 
 
