@@ -333,6 +333,12 @@ def git_env(auth: tuple[str, Secret] | None = None) -> dict[str, str]:
     return env
 
 
+async def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    await proc.wait()
+
+
 async def run_git(
     args: Sequence[str],
     *,
@@ -350,18 +356,19 @@ async def run_git(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        # Its own process group: git runs helpers (git-remote-http holds the connection and the
+        # token) that must go when it goes.
+        start_new_session=True,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
+        await _kill_group(proc)
         raise BottleError(f"git {args[0] if args else ''} timed out after {timeout:.0f}s") from None
     except asyncio.CancelledError:
         # Whoever wanted this git no longer does (shutdown, a clone made ahead and not needed):
         # do not leave it running, holding the token, unwatched.
-        proc.kill()
-        await asyncio.shield(proc.wait())
+        await asyncio.shield(_kill_group(proc))
         raise
     if check and proc.returncode != 0:
         message = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
