@@ -847,6 +847,10 @@ class Service:
             else:
                 self._finish([(event, decision, status)])
             await self.schedule()
+            # A launch that could start has adopted its clone by now. One that must queue would
+            # start from a checkout that grows stale while it waits: it clones when its turn comes.
+            for key in list(self._ahead):
+                await self._drop_ahead(key)
         self._finish(quiet)
 
     async def _defer_to_intake(self) -> None:

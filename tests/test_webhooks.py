@@ -13,7 +13,7 @@ import pytest
 from starlette.requests import Request
 
 from statemachine import BottleState
-from tests.conftest import Rig, needs_bwrap, post_webhook, processes_mentioning, read_when, sign
+from tests.conftest import Rig, needs_bwrap, post_webhook, processes_mentioning, read_when, sign, wait_until
 
 pytestmark = needs_bwrap
 
@@ -222,8 +222,12 @@ def test_max_running_queues_fifo(rig_factory: Callable[..., Rig]) -> None:
     a = rig.wait_state(first.number, BottleState.RUNNING)
     rig.wait_events_done()
     assert rig.bottle(second.number).status is BottleState.QUEUED  # type: ignore[union-attr]
+    # The queued launch keeps no clone made ahead: it would be stale by the time its turn comes.
+    clones = rig.state_dir / "clones"
+    wait_until(lambda: list(clones.iterdir()) == [], what="the queued launch's clone to be dropped")
     rig.go(a.slug, 1)
     b = rig.wait_state(second.number, BottleState.RUNNING)
+    assert (rig.state_dir / "bottles" / b.slug / "workspace" / ".git").is_dir()
     assert rig.bottle(first.number).status is BottleState.FROZEN  # type: ignore[union-attr]
     rig.go(b.slug, 1)
     rig.wait_state(second.number, BottleState.FROZEN, runs=1)
