@@ -1,0 +1,311 @@
+"""gitea.ForgeTransport, Gitea's own HTTP/1.1 client, against servers that misbehave on purpose.
+
+Each server here is a real socket on loopback, scripted connection by connection, so the
+cases a pooled keep-alive client must survive happen exactly, not by timing luck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import uvicorn
+
+from devforge import ServerThread
+from gitea import ForgeTransport, ForgeUnavailable, Gitea
+from tests.conftest import Forge, wait_until
+
+T = TypeVar("T")
+
+ISSUE = {"number": 1, "title": "T", "body": "b", "state": "open", "labels": [], "assignees": None, "html_url": "u"}
+
+
+def run(coro: Awaitable[T]) -> T:
+    async def main() -> T:
+        return await coro
+
+    return asyncio.run(main())
+
+
+def answer(body: bytes, *, status: str = "200 OK", extra: str = "") -> bytes:
+    head = f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+    return head.encode() + body
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """One request's head and body (the client sends Content-Length bodies only)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head
+
+
+class Scripted:
+    """A loopback server that runs one script per accepted connection, in order."""
+
+    def __init__(self, *scripts: Callable[[socket.socket], None]) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/api/v1"
+        self.scripts = list(scripts)
+        self.accepted = 0
+        self.requests: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        for script in self.scripts:
+            conn, _ = self.sock.accept()
+            self.accepted += 1
+            with conn:
+                script(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[..., Scripted]]:
+    made: list[Scripted] = []
+
+    def make(*scripts: Callable[[socket.socket], None]) -> Scripted:
+        server = Scripted(*scripts)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def test_gitea_uses_it_unless_a_proxy_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert isinstance(Gitea("https://git.example.com/api/v1", "t")._transport, ForgeTransport)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.com:3128")
+    # httpx's own transport, chosen by its client, honours the proxy.
+    assert Gitea("https://git.example.com/api/v1", "t")._transport is None
+
+
+def test_keeps_one_connection_alive_across_calls(forge: Forge) -> None:
+    ports: list[int] = []
+    inner = forge.dev.app
+
+    async def spy(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            ports.append(scope["client"][1])
+        await inner(scope, receive, send)
+
+    server = ServerThread(spy).start()
+    try:
+
+        async def go() -> None:
+            g = Gitea(f"{server.url}/api/v1", forge.world.bot.token)
+            for _ in range(5):
+                assert (await g.current_user()).login == forge.world.bot.login
+            await g.aclose()
+
+        run(go())
+    finally:
+        server.stop()
+    assert len(ports) == 5 and len(set(ports)) == 1
+
+
+def test_reads_chunked_answers(forge: Forge, scripted: Callable[..., Scripted]) -> None:
+    body = json.dumps({**ISSUE, "body": "x" * 100_000}).encode()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:7], body[7:50_000], body[50_000:]))
+
+    def chunked(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        conn.sendall(chunks + b"0\r\n\r\n")
+
+    server = scripted(chunked)
+
+    async def go() -> None:
+        g = Gitea(server.url, "t")
+        assert (await g.read_issue("o", "r", 1)).body == "x" * 100_000
+        await g.aclose()
+
+    run(go())
+
+
+def test_a_read_on_a_connection_the_forge_dropped_is_retried_once(scripted: Callable[..., Scripted]) -> None:
+    def serves_one_then_drops_the_next(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(answer(json.dumps({"login": "bot", "id": 1}).encode()))
+        read_request(conn)  # the second request arrives; the forge closes without a word
+
+    def serves(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(answer(json.dumps({"login": "bot", "id": 1}).encode()))
+
+    server = scripted(serves_one_then_drops_the_next, serves)
+
+    async def go() -> None:
+        g = Gitea(server.url, "t")
+        assert (await g.current_user()).login == "bot"
+        assert (await g.current_user()).login == "bot"  # dropped on connection 1, answered on 2
+        await g.aclose()
+
+    run(go())
+    assert server.accepted == 2
+
+
+def test_a_write_on_a_dropped_connection_is_not_sent_twice(scripted: Callable[..., Scripted]) -> None:
+    seen: list[bytes] = []
+
+    def serves_one_then_drops_the_next(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(answer(json.dumps({"login": "bot", "id": 1}).encode()))
+        seen.append(read_request(conn))
+
+    server = scripted(serves_one_then_drops_the_next)
+
+    async def go() -> None:
+        g = Gitea(server.url, "t")
+        await g.current_user()
+        # The forge may have acted on it before dropping the connection: the caller decides.
+        with pytest.raises(ForgeUnavailable, match="unreachable"):
+            await g.post_comment("o", "r", 1, "once")
+        await g.aclose()
+
+    run(go())
+    assert len(seen) == 1 and seen[0].startswith(b"POST ")
+
+
+def test_a_closed_idle_connection_is_not_reused(scripted: Callable[..., Scripted]) -> None:
+    def serves_and_closes(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(
+            answer(json.dumps({"id": 7, "html_url": "h", "user": {"login": "bot"}}).encode(), status="201 Created")
+        )
+
+    server = scripted(serves_and_closes, serves_and_closes)
+
+    async def go() -> None:
+        g = Gitea(server.url, "t")
+        await g.post_comment("o", "r", 1, "first")
+        # The forge's FIN has arrived by now; the next write must go on a new connection.
+        wait_until(lambda: server.accepted == 1, what="the first connection")
+        assert (await g.post_comment("o", "r", 1, "second")).id == 7
+        await g.aclose()
+
+    run(go())
+    assert server.accepted == 2
+
+
+def test_oversized_and_broken_answers_are_forge_errors(scripted: Callable[..., Scripted]) -> None:
+    def huge(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000)
+
+    def garbage(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+    server = scripted(huge, garbage)
+
+    async def go() -> None:
+        g = Gitea(server.url, "t", transport=ForgeTransport(max_body=1000))
+        with pytest.raises(ForgeUnavailable, match="RemoteProtocolError"):
+            await g.current_user()
+        with pytest.raises(ForgeUnavailable, match="RemoteProtocolError"):
+            await g.current_user()
+        await g.aclose()
+
+    run(go())
+
+
+def test_a_silent_forge_times_out(scripted: Callable[..., Scripted]) -> None:
+    release = threading.Event()
+
+    def silent(conn: socket.socket) -> None:
+        read_request(conn)
+        release.wait(10)
+
+    server = scripted(silent)
+
+    async def go() -> None:
+        g = Gitea(server.url, "t", timeout=0.3)
+        with pytest.raises(ForgeUnavailable, match="timed out"):
+            await g.current_user()
+        await g.aclose()
+
+    try:
+        run(go())
+    finally:
+        release.set()
+
+
+def test_https_verifies_the_forge_certificate(forge: Forge, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(forge.dev.app, log_config=None, ssl_certfile=str(cert), ssl_keyfile=str(key))
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, what="the TLS forge")
+    api = f"https://127.0.0.1:{port}/api/v1"
+
+    async def call() -> str:
+        g = Gitea(api, forge.world.bot.token)
+        try:
+            return (await g.current_user()).login
+        finally:
+            await g.aclose()
+
+    async def go() -> None:
+        with pytest.raises(ForgeUnavailable, match="unreachable"):
+            await call()  # a certificate nobody vouched for
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        assert await call() == forge.world.bot.login
+
+    try:
+        run(go())
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
