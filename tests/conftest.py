@@ -126,7 +126,7 @@ exit 3
 TURNS_AGENT = """#!/bin/sh
 n=$(ls "$HOME" | grep -c '^prompt-')
 n=$((n + 1))
-cp "$FORGE_PROMPT_FILE" "$HOME/prompt-$n.md"
+cp "$FORGE_PROMPT_FILE" "$HOME/.prompt" && mv "$HOME/.prompt" "$HOME/prompt-$n.md"  # whole, for read_when
 forge whoami > "$HOME/whoami-$n.json"
 while [ ! -f "$HOME/go-$n" ]; do sleep 0.05; done
 forge done success "turn $n"
