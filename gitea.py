@@ -332,7 +332,12 @@ class ForgeTransport(httpx.AsyncBaseTransport):
         key = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
         body = await request.aread()
-        async with self._slots:
+        try:
+            async with asyncio.timeout(timeouts.get("pool")):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise httpx.PoolTimeout("every connection to the forge is busy", request=request) from None
+        try:
             for attempt in (1, 2):
                 connection = self._take(key) if attempt == 1 else None
                 reused = connection is not None
@@ -352,6 +357,8 @@ class ForgeTransport(httpx.AsyncBaseTransport):
                     raise
                 self._give_back(key, connection)
                 return httpx.Response(status, headers=headers, content=content, request=request)
+        finally:
+            self._slots.release()
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def aclose(self) -> None:

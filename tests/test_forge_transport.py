@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 import uvicorn
 
@@ -309,3 +310,36 @@ def test_https_verifies_the_forge_certificate(forge: Forge, tmp_path: Path, monk
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_waiting_for_a_busy_pool_times_out(scripted: Callable[..., Scripted]) -> None:
+    release = threading.Event()
+
+    def silent(conn: socket.socket) -> None:
+        read_request(conn)
+        release.wait(10)
+
+    server = scripted(silent)
+    transport = ForgeTransport(max_connections=1)
+
+    def request(pool: float) -> httpx.Request:
+        timeouts = {"connect": 5.0, "read": 10.0, "write": 5.0, "pool": pool}
+        return httpx.Request("GET", f"{server.url}/user", extensions={"timeout": timeouts})
+
+    async def go() -> None:
+        first = asyncio.create_task(transport.handle_async_request(request(10.0)))
+        deadline = asyncio.get_running_loop().time() + 10
+        while not server.accepted:  # the first call holds the only connection
+            assert asyncio.get_running_loop().time() < deadline, "the first call never connected"
+            await asyncio.sleep(0.01)
+        with pytest.raises(httpx.PoolTimeout):
+            await transport.handle_async_request(request(0.2))
+        release.set()  # the silent forge hangs up: the first call ends too
+        with pytest.raises(httpx.RemoteProtocolError):
+            await first
+        await transport.aclose()
+
+    try:
+        run(go())
+    finally:
+        release.set()
