@@ -98,6 +98,19 @@ def scripted() -> Iterator[Callable[..., Scripted]]:
         server.close()
 
 
+@pytest.fixture
+def silent_forge(scripted: Callable[..., Scripted]) -> Iterator[tuple[Scripted, threading.Event]]:
+    """A forge that reads one request and never answers, until released (at teardown at the latest)."""
+    release = threading.Event()
+
+    def silent(conn: socket.socket) -> None:
+        read_request(conn)
+        release.wait(10)
+
+    yield scripted(silent), release
+    release.set()
+
+
 def test_gitea_uses_it_unless_a_proxy_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
@@ -237,14 +250,8 @@ def test_oversized_and_broken_answers_are_forge_errors(scripted: Callable[..., S
     run(go())
 
 
-def test_a_silent_forge_times_out(scripted: Callable[..., Scripted]) -> None:
-    release = threading.Event()
-
-    def silent(conn: socket.socket) -> None:
-        read_request(conn)
-        release.wait(10)
-
-    server = scripted(silent)
+def test_a_silent_forge_times_out(silent_forge: tuple[Scripted, threading.Event]) -> None:
+    server, _ = silent_forge
 
     async def go() -> None:
         g = Gitea(server.url, "t", timeout=0.3)
@@ -252,10 +259,7 @@ def test_a_silent_forge_times_out(scripted: Callable[..., Scripted]) -> None:
             await g.current_user()
         await g.aclose()
 
-    try:
-        run(go())
-    finally:
-        release.set()
+    run(go())
 
 
 def test_https_verifies_the_forge_certificate(forge: Forge, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -312,14 +316,8 @@ def test_https_verifies_the_forge_certificate(forge: Forge, tmp_path: Path, monk
         thread.join(timeout=10)
 
 
-def test_waiting_for_a_busy_pool_times_out(scripted: Callable[..., Scripted]) -> None:
-    release = threading.Event()
-
-    def silent(conn: socket.socket) -> None:
-        read_request(conn)
-        release.wait(10)
-
-    server = scripted(silent)
+def test_waiting_for_a_busy_pool_times_out(silent_forge: tuple[Scripted, threading.Event]) -> None:
+    server, release = silent_forge
     transport = ForgeTransport(max_connections=1)
 
     def request(pool: float) -> httpx.Request:
@@ -339,7 +337,4 @@ def test_waiting_for_a_busy_pool_times_out(scripted: Callable[..., Scripted]) ->
             await first
         await transport.aclose()
 
-    try:
-        run(go())
-    finally:
-        release.set()
+    run(go())
