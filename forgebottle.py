@@ -578,11 +578,19 @@ def _number(data: Any, key: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31 else 0
 
 
-def _labelled_for_an_agent(issue: Mapping[str, Any]) -> bool:
+AGENT_LABEL = "bot-bottle:"
+BOTTLE_LABEL = "bot-bottle-bottle:"
+
+
+def _label_names(issue: Mapping[str, Any]) -> list[str]:
+    """The label names of an issue object in a payload (untrusted: anything odd is skipped)."""
     labels = issue.get("labels")
-    return isinstance(labels, list) and any(
-        isinstance(label, dict) and _text(label, "name").startswith("bot-bottle:") for label in labels
-    )
+    return [_text(label, "name") for label in labels] if isinstance(labels, list) else []
+
+
+def _labelled(names: Sequence[str], prefix: str) -> list[str]:
+    """What follows ``prefix`` in the labels that have it: agents for ``bot-bottle:``."""
+    return [name.removeprefix(prefix) for name in names if name.startswith(prefix)]
 
 
 def _discard(task: asyncio.Task[Any]) -> None:
@@ -725,8 +733,7 @@ class Service:
                     await active.monitor
         if self._admin is not None:
             await self._admin.stop()
-        for key in list(self._ahead):
-            await self._drop_ahead(key)
+        await self._drop_all_ahead()
         await self.forge.aclose()
 
     async def recover(self) -> None:
@@ -849,8 +856,7 @@ class Service:
             await self.schedule()
             # A launch that could start has adopted its clone by now. One that must queue would
             # start from a checkout that grows stale while it waits: it clones when its turn comes.
-            for key in list(self._ahead):
-                await self._drop_ahead(key)
+            await self._drop_all_ahead()
         self._finish(quiet)
 
     async def _defer_to_intake(self) -> None:
@@ -933,9 +939,10 @@ class Service:
         # needs them) at the same time: a launch then waits for two forge round trips, not three.
         # For the same reason the workspace clone starts now too: it is most of a launch.
         comments: asyncio.Task[list[Comment]] | None = None
-        if _labelled_for_an_agent(_obj(payload, "issue")):
+        labels = _label_names(_obj(payload, "issue"))
+        if _labelled(labels, AGENT_LABEL):
             comments = asyncio.create_task(self.forge.read_comments(owner, repo, number))
-            self._clone_ahead(owner, repo, number, _obj(payload, "issue"))
+            self._clone_ahead(owner, repo, number, labels)
         launch = False
         try:
             issue = await self.forge.read_issue(owner, repo, number)
@@ -956,7 +963,7 @@ class Service:
             return ignored(f"#{number} is a pull request")
         if issue.state != "open":
             return ignored(f"issue #{number} is {issue.state}")
-        agents = [label.split(":", 1)[1] for label in issue.labels if label.startswith("bot-bottle:")]
+        agents = _labelled(issue.labels, AGENT_LABEL)
         if not agents:
             return ignored(f"issue #{number} has no bot-bottle:<agent> label")
         if len(set(agents)) > 1:
@@ -964,7 +971,7 @@ class Service:
         agent = agents[0]
         if agent not in self.config.agents:
             return ignored(f"agent {agent!r} is not configured")
-        bottles = [label.split(":", 1)[1] for label in issue.labels if label.startswith("bot-bottle-bottle:")]
+        bottles = _labelled(issue.labels, BOTTLE_LABEL)
         for bottle in bottles[:1]:
             if bottle not in self.config.bottles:
                 return ignored(f"bottle {bottle!r} is not configured")
@@ -997,14 +1004,11 @@ class Service:
     def _clones_dir(self) -> Path:
         return self.config.state_dir / "clones"
 
-    def _clone_ahead(self, owner: str, repo: str, number: int, issue: Mapping[str, Any]) -> None:
+    def _clone_ahead(self, owner: str, repo: str, number: int, labels: Sequence[str]) -> None:
         """Start cloning the workspace of a launch that is likely but not yet decided."""
         key = (owner, repo, number)
-        labels = issue.get("labels")
-        names = [_text(label, "name") for label in labels] if isinstance(labels, list) else []
-        bottles = [name.split(":", 1)[1] for name in names if name.startswith("bot-bottle-bottle:")]
         try:
-            spec = self.config.bottle(bottles[:1] or ["local"])
+            spec = self.config.bottle(_labelled(labels, BOTTLE_LABEL)[:1] or ["local"])
         except ConfigError:
             return
         existing = self.store.get(owner, repo, number)
@@ -1033,6 +1037,10 @@ class Service:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await ahead.task
         await asyncio.to_thread(shutil.rmtree, ahead.path, True)
+
+    async def _drop_all_ahead(self) -> None:
+        for key in list(self._ahead):
+            await self._drop_ahead(key)
 
     async def _adopt_ahead(self, ctx: BottleContext) -> None:
         """Move a workspace cloned ahead into the bottle; if that clone failed, prepare clones."""
