@@ -547,6 +547,7 @@ class Gitea(Forge):
         self._transport = transport
         self._headers = {"Authorization": f"token {token}", "Accept": "application/json", "User-Agent": "forgebottle"}
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, 5.0))
+        self._timeouts = self._timeout.as_dict()  # per request, as the transport reads them
         self._client = httpx.AsyncClient(
             base_url=self.api_url + "/",
             headers=self._headers,
@@ -593,7 +594,7 @@ class Gitea(Forge):
             params=params,
             json=json,
             headers=self._headers,
-            extensions={"timeout": self._timeout.as_dict()},
+            extensions={"timeout": self._timeouts},
         )
         response = await self._transport.handle_async_request(request)
         try:
