@@ -804,7 +804,9 @@ class Service:
         while self._intake:
             batch, self._intake = self._intake, []
             try:
-                results = await asyncio.to_thread(self.store.add_events, [event for event, _ in batch])
+                # Inserts here, the commit (the fsync) in a thread: see Store.stage_events.
+                staged = self.store.stage_events([event for event, _ in batch])
+                results = await asyncio.to_thread(staged.commit)
             except Exception as exc:  # the edge of intake: every waiter gets the failure, none hangs
                 for _, future in batch:
                     if not future.done():

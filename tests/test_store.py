@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 
 from statemachine import Bottle, BottleState, Trigger, fire
-from store import MIGRATIONS, ForgeState, Store, StoreError
+from store import MIGRATIONS, ForgeState, NewEvent, Store, StoreError
 
 
 def state(owner: str = "acme", repo: str = "widgets", issue: int = 17, **kw: object) -> ForgeState:
@@ -113,6 +114,46 @@ def test_identical_body_is_not_new(store: Store) -> None:
     assert first == (first[0], True)
     assert again == (first[0], False)
     assert other[1] and other[0] != first[0]
+
+
+def event(body: bytes, delivery: str = "d") -> NewEvent:
+    return NewEvent(received_at="t", delivery=delivery, event_type="issues", body=body)
+
+
+def test_a_batch_repeating_a_body_stores_it_once(store: Store) -> None:
+    old = store.add_events([event(b"old")])[0][0]
+    results = store.add_events([event(b"a"), event(b"old"), event(b"b"), event(b"a", "again")])
+    a, b = results[0][0], results[2][0]
+    assert results == [(a, True), (old, False), (b, True), (a, False)]
+    assert [e.body for e in store.pending_events()] == [b"old", b"a", b"b"]
+
+
+def test_staged_events_are_unseen_and_writers_wait_until_the_commit(store: Store) -> None:
+    staged = store.stage_events([event(b"staged")])
+    assert store.pending_events() == []  # not durable yet: the worker must not see it
+    entered, written = threading.Event(), threading.Event()
+
+    def write() -> None:
+        entered.set()
+        store.upsert(state())
+        written.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    assert entered.wait(10)
+    assert not written.wait(0.2)  # a write would otherwise run inside the intake transaction
+    [(event_id, new)] = staged.commit()
+    writer.join(10)
+    assert written.is_set() and new
+    assert [e.id for e in store.pending_events()] == [event_id]
+
+
+def test_a_failed_batch_stores_nothing_and_frees_the_store(store: Store) -> None:
+    with pytest.raises(sqlite3.IntegrityError):
+        store.add_events([event(b"first"), NewEvent("t", "d", None, b"no type")])  # type: ignore[arg-type]
+    assert store.add_events([event(b"first")])[0][1]  # not a replay: the failed batch left nothing
+    store.upsert(state())  # and writers are not locked out
+    assert [e.body for e in store.pending_events()] == [b"first"]
 
 
 def test_transition_is_persisted_with_its_record(store: Store) -> None:
