@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from forgebottle import create_app
+from forgebottle import BUCKETS, Metrics, create_app
 from gitea import Secret
 from statemachine import BottleState
 from store import Store
@@ -196,6 +196,20 @@ def test_bottles_events_and_metrics(rig: Rig) -> None:
     ):
         assert needle in text, needle
     assert rig.forge.world.bot.token not in text
+
+
+def test_histograms_are_cumulative_with_inclusive_bounds() -> None:
+    metrics = Metrics()
+    for seconds in (0.0005, 0.001, 0.003, 0.2, 100.0):
+        metrics.observe("t_seconds", "help", seconds, method="x")
+    lines = metrics.render({}).splitlines()
+    buckets = {line.split('le="')[1].split('"')[0]: float(line.split()[-1]) for line in lines if "_bucket" in line}
+    assert list(buckets) == [f"{b:g}" for b in BUCKETS] + ["+Inf"]
+    assert buckets["0.001"] == 2  # le is inclusive: 0.001 counts
+    assert buckets["0.005"] == 3 and buckets["0.1"] == 3 and buckets["0.5"] == 4 and buckets["30"] == 4
+    assert buckets["+Inf"] == 5
+    assert 't_seconds_count{method="x"} 5' in lines
+    assert 't_seconds_sum{method="x"} 100.204500' in lines
 
 
 def test_logs_are_json_lines_without_secrets(forge: Forge, serve_factory: Callable[..., ServeProcess]) -> None:
