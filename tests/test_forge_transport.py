@@ -41,12 +41,17 @@ def answer(body: bytes, *, status: str = "200 OK", extra: str = "") -> bytes:
 
 
 def read_request(conn: socket.socket) -> bytes:
+    """One request, read whole; its head is returned."""
+    return read_message(conn)[0]
+
+
+def read_message(conn: socket.socket) -> tuple[bytes, bytes]:
     """One request's head and body (the client sends Content-Length bodies only)."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = conn.recv(65536)
         if not chunk:
-            return data
+            return data, b""
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     length = 0
@@ -56,7 +61,7 @@ def read_request(conn: socket.socket) -> bytes:
             length = int(value)
     while len(body) < length:
         body += conn.recv(65536)
-    return head
+    return head, body
 
 
 class Scripted:
@@ -188,6 +193,51 @@ def test_a_read_on_a_connection_the_forge_dropped_is_retried_once(scripted: Call
 
     run(go())
     assert server.accepted == 2
+
+
+def test_requests_go_out_as_gitea_expects_them(scripted: Callable[..., Scripted]) -> None:
+    seen: list[tuple[bytes, bytes]] = []
+    other = json.dumps([{"number": 3, "head": {"ref": "someone-else"}}]).encode()
+    pulls = answer(other, extra='Link: <y>; rel="next"\r\nLink: <x>; rel="first"\r\n')
+
+    def script(conn: socket.socket) -> None:
+        seen.append(read_message(conn))
+        conn.sendall(
+            answer(json.dumps({"id": 5, "body": "h\u00e9", "user": {"login": "bot"}}).encode(), status="201 Created")
+        )
+        seen.append(read_message(conn))
+        conn.sendall(pulls)
+        seen.append(read_message(conn))
+        conn.sendall(answer(b"[]"))
+        seen.append(read_message(conn))
+        conn.sendall(answer(b"", status="599 Whatever"))
+
+    server = scripted(script)
+    port = server.url.split(":")[2].split("/")[0]
+
+    async def go() -> None:
+        g = Gitea(server.url + "/", "tok")  # a trailing slash on api_url changes nothing
+        assert (await g.post_comment("o w", "r", 1, "h\u00e9")).id == 5
+        # Gitea's two Link headers are read as one, as httpx does: "next" is seen, so page 2 is asked for.
+        assert await g.find_pr_by_head("o", "r", "bot-bottle/issue-1") is None
+        with pytest.raises(ForgeUnavailable, match="599"):
+            await g.read_issue("o", "r", 2)
+        await g.aclose()
+
+    run(go())
+    (post_head, post_body), (get_head, get_body), (page2_head, _), (issue_head, _) = seen
+    lines = post_head.decode().split("\r\n")
+    assert lines[0] == "POST /api/v1/repos/o%20w/r/issues/1/comments HTTP/1.1"
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    assert headers["host"] == f"127.0.0.1:{port}"
+    assert headers["authorization"] == "token tok"
+    assert headers["accept-encoding"] == "identity"
+    assert headers["content-type"] == "application/json"
+    assert json.loads(post_body) == {"body": "h\u00e9"} and headers["content-length"] == str(len(post_body))
+    assert get_head.startswith(b"GET /api/v1/repos/o/r/pulls?state=open&page=1&limit=50 HTTP/1.1\r\n")
+    assert b"content-length" not in get_head.lower() and get_body == b""
+    assert page2_head.startswith(b"GET /api/v1/repos/o/r/pulls?state=open&page=2&limit=50 ")
+    assert issue_head.startswith(b"GET /api/v1/repos/o/r/issues/2 ")
 
 
 def test_a_write_on_a_dropped_connection_is_not_sent_twice(scripted: Callable[..., Scripted]) -> None:
