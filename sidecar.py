@@ -457,6 +457,7 @@ class UnixServer:
             lifespan="off",
             log_config=None,
             access_log=False,
+            proxy_headers=False,  # a Unix socket: no proxy, no forwarded headers to trust
             timeout_graceful_shutdown=2,
             limit_concurrency=self.limit_concurrency,
             h11_max_incomplete_event_size=64 * 1024,

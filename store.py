@@ -242,9 +242,18 @@ class Operation:
 
     def content(self) -> dict[str, Any]:
         """What the hash covers: everything but the hash itself."""
-        data = dataclasses.asdict(self)
-        del data["hash"]
-        return data
+        # Spelled out rather than dataclasses.asdict (a recursive deep copy): this runs on
+        # every sidecar call. The hash must not change: tests pin one.
+        return {
+            "seq": self.seq,
+            "run": self.run,
+            "at": self.at,
+            "op": self.op,
+            "target": self.target,
+            "outcome": self.outcome,
+            "detail": self.detail,
+            "duration_ms": self.duration_ms,
+        }
 
 
 def canonical(data: Any) -> str:

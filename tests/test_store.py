@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from statemachine import Bottle, BottleState, Trigger, fire
-from store import MIGRATIONS, ForgeState, NewEvent, Store, StoreError
+from store import MIGRATIONS, ForgeState, NewEvent, Operation, Store, StoreError, chain_hash, genesis
 
 
 def state(owner: str = "acme", repo: str = "widgets", issue: int = 17, **kw: object) -> ForgeState:
@@ -199,6 +200,17 @@ def test_operation_chain_detects_edits_and_deletions(tmp_path: Path) -> None:
         db.execute("DELETE FROM operations WHERE seq = 4")
     check = store.verify("acme-widgets-17")
     assert not check.verified and "missing" in check.problem
+
+
+def test_the_chain_hash_of_an_operation_never_changes() -> None:
+    # Records written by any earlier forgebottle must still verify: this value is pinned.
+    op = Operation(3, 2, "2026-11-26T00:00:00.000+00:00", "post_comment", "issue #7", "ok", "«héllo» — x", 12.345, "")
+    # A new field must be put under the hash (Operation.content) or left out of it, on purpose.
+    names = [field.name for field in dataclasses.fields(Operation)]
+    assert names == ["seq", "run", "at", "op", "target", "outcome", "detail", "duration_ms", "hash"]
+    assert (
+        chain_hash(genesis("acme-widgets-7"), op) == "9c46d76a7a5154c757df5c0021af2e88d8aacb0a1ae9bd44beb8ccffac87f391"
+    )
 
 
 def test_pending_prompts_keep_order(store: Store) -> None:
