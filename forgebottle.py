@@ -1665,7 +1665,14 @@ class _Access:
         service.metrics.observe(
             "forgebottle_sidecar_call_seconds", "Sidecar call duration", duration_ms / 1000, method=op
         )
-        log.info("%s: %s", self.slug, detail, extra={"slug": self.slug, "op": op, "outcome": outcome})
+        # The operation is on record (above) before the agent hears back; the log line need not
+        # be. Written here it was ~40 µs of every sidecar call (formatting, a write to stderr):
+        # queued instead, it runs once the answer is on its way, in call order.
+        asyncio.get_running_loop().call_soon(
+            functools.partial(
+                log.info, "%s: %s", self.slug, detail, extra={"slug": self.slug, "op": op, "outcome": outcome}
+            )
+        )
 
 
 def _cap(text: str, limit: int = MAX_PROMPT_PART) -> str:

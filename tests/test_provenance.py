@@ -233,7 +233,10 @@ def test_logs_are_json_lines_without_secrets(forge: Forge, serve_factory: Callab
     slug = doc["slug"]
     assert any(e.get("event") == "issues" and e.get("status") == "done" for e in entries)  # webhook decision
     assert any(e.get("trigger") == "launch" and e.get("slug") == slug for e in entries)  # transition
-    assert any(e.get("op") == "push" and e.get("slug") == slug for e in entries)  # sidecar call
+    # Every sidecar call is logged (after its answer), once each, in call order.
+    logged = [(e["op"], e["msg"]) for e in entries if e.get("slug") == slug and "op" in e]
+    assert logged == [(o["op"], f"{slug}: {o['detail']}") for o in doc["operations"]]
+    assert "push" in [op for op, _ in logged]
     for secret in (forge.world.bot.token, "whsec-" + "5" * 24):
         assert secret not in serve.log.read_text()
         assert secret not in json.dumps(doc)
