@@ -807,7 +807,10 @@ class Service:
             try:
                 # Inserts here, the commit (the fsync) in a thread: see Store.stage_events.
                 staged = self.store.stage_events([event for event, _ in batch])
-                results = await asyncio.to_thread(staged.commit)
+                try:
+                    results = await asyncio.to_thread(staged.commit)
+                finally:
+                    staged.abandon()  # a no-op once the commit began; else the store stays locked
             except Exception as exc:  # the edge of intake: every waiter gets the failure, none hangs
                 for _, future in batch:
                     if not future.done():

@@ -293,16 +293,28 @@ def verify_chain(slug: str, ops: Sequence[Operation], *, head: str, count: int) 
 
 
 class StagedEvents:
-    """Webhooks in an open intake transaction (``Store.stage_events``)."""
+    """Webhooks in an open intake transaction (``Store.stage_events``).
+
+    It ends exactly once, by ``commit`` or ``abandon``; until then the store's other writers
+    wait, so whoever stages must see to one of them.
+    """
 
     def __init__(self, db: sqlite3.Connection, writing: threading.Lock, results: list[tuple[int, bool]]) -> None:
         self._db = db
         self._writing = writing
         self._results = results
+        self._ending = threading.Lock()
+        self._ended = False
+
+    def _claim(self) -> bool:
+        with self._ending:
+            ended, self._ended = self._ended, True
+            return not ended
 
     def commit(self) -> list[tuple[int, bool]]:
-        """Commit and fsync (blocking; any thread). (id, is_new) per event, once durable.
-        Exactly once, whatever happens: the store's writers wait until it has been called."""
+        """Commit and fsync (blocking; any thread). (id, is_new) per event, once durable."""
+        if not self._claim():
+            raise StoreError("the staged webhooks were abandoned")
         try:
             self._db.execute("COMMIT")
         except BaseException:
@@ -311,6 +323,12 @@ class StagedEvents:
         finally:
             self._writing.release()
         return self._results
+
+    def abandon(self) -> None:
+        """Roll back, unless ``commit`` has begun: for when it was never handed to a thread
+        (the executor refused it at shutdown, or the wait for it was cancelled first)."""
+        if self._claim():
+            _end(self._db, self._writing)
 
 
 def _end(db: sqlite3.Connection | None, writing: threading.Lock | None) -> None:

@@ -157,6 +157,19 @@ def test_a_failed_batch_stores_nothing_and_frees_the_store(store: Store) -> None
     assert [e.body for e in store.pending_events()] == [b"first"]
 
 
+def test_staged_events_end_once_by_commit_or_abandon(store: Store) -> None:
+    dropped = store.stage_events([event(b"dropped")])
+    dropped.abandon()
+    with pytest.raises(StoreError, match="abandoned"):
+        dropped.commit()
+    assert store.pending_events() == []
+    store.upsert(state())  # the store is not left locked
+    kept = store.stage_events([event(b"kept")])
+    [(event_id, new)] = kept.commit()
+    kept.abandon()  # too late: a no-op
+    assert new and [e.id for e in store.pending_events()] == [event_id]
+
+
 def test_transition_is_persisted_with_its_record(store: Store) -> None:
     row = state()
     store.upsert(row)

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import subprocess
+import threading
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import urlencode
 
 import httpx
 import pytest
 from starlette.requests import Request
 
+from forgebottle import Config, Service
+from gitea import Gitea, Secret
 from statemachine import BottleState
+from store import NewEvent, Store
 from tests.conftest import Rig, needs_bwrap, post_webhook, processes_mentioning, read_when, sign, wait_until
 
 pytestmark = needs_bwrap
@@ -350,3 +356,25 @@ def test_a_failed_clone_ahead_is_cloned_again_at_launch(rig: Rig, caplog: pytest
     assert state.pr_number is not None
     assert any("the clone made ahead failed" in r.getMessage() for r in caplog.records)
     assert list((rig.state_dir / "clones").iterdir()) == []
+
+
+def test_intake_that_cannot_reach_its_commit_thread_fails_without_locking_the_store(tmp_path: Path) -> None:
+    # At shutdown the default executor refuses new work: the staged batch must be rolled back,
+    # or every later write (and so the event loop) would wait on the store forever.
+    config = Config(
+        api_url="http://127.0.0.1:9/api/v1", token=Secret("t"), webhook_secret=Secret("s"), state_dir=tmp_path
+    )
+    store = Store(config.db_path)
+    service = Service(config, store, Gitea(config.api_url, "t"))
+
+    async def go() -> None:
+        await asyncio.get_running_loop().shutdown_default_executor()
+        with pytest.raises(RuntimeError):
+            await service.accept(delivery="d", event_type="issues", body=b'{"n": 1}')
+
+    asyncio.run(go())
+    writer = threading.Thread(target=lambda: store.add_events([NewEvent("t", "d", "issues", b'{"n": 2}')]), daemon=True)
+    writer.start()
+    writer.join(10)
+    assert not writer.is_alive(), "the store stayed locked"
+    assert [e.body for e in store.pending_events()] == [b'{"n": 2}']
