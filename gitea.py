@@ -664,7 +664,9 @@ class Gitea(Forge):
             return Answer(response.status_code, response.headers, response.content)
         # Straight to our transport, without httpx's Request and Response objects: building
         # them (URL parsing, header normalising, body streams) was ~0.1 ms of a sidecar call.
-        target = self._base + b"/" + path.encode("ascii")  # every path segment is quote()d
+        # Callers quote() every segment; quoting again (keeping "%") only guards the target
+        # against a segment that was not, as httpx's URL parsing did.
+        target = self._base + b"/" + quote(path, safe="/%").encode("ascii")
         if params:
             target += b"?" + urlencode(params, quote_via=quote).encode("ascii")
         headers = self._raw_headers
