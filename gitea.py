@@ -341,13 +341,13 @@ def _header_map(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     return found
 
 
-class ForgeTransport(httpx.AsyncBaseTransport):
+class ForgeTransport:
     """HTTP/1.1 with keep-alive, for the forge's API: the default transport of :class:`Gitea`.
 
     httpx's own async transport (httpcore on anyio) cost ~0.6 ms a request here, most of what
     the sidecar adds to an agent's call; this one frames with h11, as httpcore does, and keeps
     a small pool. Used only when no proxy is configured (``Gitea`` falls back to httpx's
-    transport, which honours ``*_PROXY``). Bodies are read whole, up to ``max_body`` bytes.
+    client, which honours ``*_PROXY``). Bodies are read whole, up to ``max_body`` bytes.
     """
 
     def __init__(
@@ -364,28 +364,6 @@ class ForgeTransport(httpx.AsyncBaseTransport):
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: dict[Origin, list[_Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        """The httpx interface, for use under an ``httpx.AsyncClient``."""
-        url = request.url
-        if url.scheme not in ("http", "https"):
-            raise httpx.UnsupportedProtocol(f"unsupported scheme {url.scheme!r}", request=request)
-        # Ask for the body as is: a compressed one would need decoding we do not do.
-        headers = [(k, v) for k, v in request.headers.raw if k.lower() not in (b"accept-encoding", b"connection")]
-        headers.append((b"Accept-Encoding", b"identity"))
-        try:
-            status, response_headers, content = await self.send(
-                origin(url),
-                request.method,
-                url.raw_path,
-                headers,
-                await request.aread(),
-                request.extensions.get("timeout", {}),
-            )
-        except httpx.RequestError as exc:
-            exc.request = request
-            raise
-        return httpx.Response(status, headers=response_headers, content=content, request=request)
 
     async def send(
         self,
@@ -462,6 +440,8 @@ class ForgeTransport(httpx.AsyncBaseTransport):
 
     async def _connect(self, key: Origin, timeouts: Mapping[str, float | None]) -> _Connection:
         scheme, host, port = key
+        if scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(f"unsupported scheme {scheme!r}")
         context = None
         if scheme == "https":
             if self._ssl is None:
@@ -595,7 +575,8 @@ class Gitea(Forge):
         forge = Gitea("https://git.example.com/api/v1", token)
         issue = await forge.read_issue("acme", "widgets", 17)
 
-    ``transport`` is for tests: pass an ``httpx.MockTransport`` or ``ASGITransport``.
+    ``transport`` is for tests: a ``ForgeTransport`` with other limits, or an httpx transport
+    (``MockTransport``, ``ASGITransport``) used through httpx's client.
     """
 
     kind: ClassVar[str] = "gitea"
@@ -605,15 +586,13 @@ class Gitea(Forge):
         api_url: str,
         token: str,
         *,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: ForgeTransport | httpx.AsyncBaseTransport | None = None,
         timeout: float = 10.0,
     ) -> None:
         self.api_url = api_url.rstrip("/")
         self._token = token
         if transport is None and not _proxy_configured():
             transport = ForgeTransport()
-        # None when a proxy is configured: then the client chooses, honouring *_PROXY.
-        self._transport = transport
         self._headers = {"Authorization": f"token {token}", "Accept": "application/json", "User-Agent": "forgebottle"}
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, 5.0))
         self._timeouts = self._timeout.as_dict()  # per request, as the transport reads them
@@ -625,19 +604,29 @@ class Gitea(Forge):
             *((name.encode(), value.encode()) for name, value in self._headers.items()),
             (b"Accept-Encoding", b"identity"),  # a compressed body would need decoding we do not do
         ]
-        self._client = httpx.AsyncClient(
-            base_url=self.api_url + "/",
-            headers=self._headers,
-            timeout=self._timeout,
-            transport=transport,
-            follow_redirects=False,
-        )
+        # Exactly one of the two: our transport, or httpx's client (with a proxy configured,
+        # transport None lets the client choose one that honours *_PROXY).
+        self._forge: ForgeTransport | None = None
+        self._client: httpx.AsyncClient | None = None
+        if isinstance(transport, ForgeTransport):
+            self._forge = transport
+        else:
+            self._client = httpx.AsyncClient(
+                base_url=self.api_url + "/",
+                headers=self._headers,
+                timeout=self._timeout,
+                transport=transport,
+                follow_redirects=False,
+            )
 
     def __repr__(self) -> str:
         return f"Gitea({self.api_url!r}, token=***)"
 
     async def aclose(self) -> None:
-        await self._client.aclose()  # closes the transport too
+        if self._forge is not None:
+            await self._forge.aclose()
+        if self._client is not None:
+            await self._client.aclose()  # closes its transport too
 
     async def _request(
         self,
@@ -659,7 +648,8 @@ class Gitea(Forge):
         raise _error_for(method, path, response)
 
     async def _send(self, method: str, path: str, *, json: Any, params: Mapping[str, str | int] | None) -> Answer:
-        if not isinstance(self._transport, ForgeTransport):  # a proxy, or a test's transport
+        if self._forge is None:
+            assert self._client is not None
             response = await self._client.request(method, path, json=json, params=params)
             return Answer(response.status_code, response.headers, response.content)
         # Straight to our transport, without httpx's Request and Response objects: building
@@ -676,7 +666,7 @@ class Gitea(Forge):
             headers = [*headers, (b"Content-Type", b"application/json"), (b"Content-Length", b"%d" % len(body))]
         elif method not in ("GET", "HEAD"):
             headers = [*headers, (b"Content-Length", b"0")]
-        status, raw, content = await self._transport.send(self._origin, method, target, headers, body, self._timeouts)
+        status, raw, content = await self._forge.send(self._origin, method, target, headers, body, self._timeouts)
         return Answer(status, _header_map(raw), content)
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:

@@ -20,7 +20,7 @@ import pytest
 import uvicorn
 
 from devforge import ServerThread
-from gitea import ForgeTransport, ForgeUnavailable, Gitea
+from gitea import ForgeTransport, ForgeUnavailable, Gitea, origin
 from tests.conftest import Forge, wait_until
 
 T = TypeVar("T")
@@ -124,10 +124,11 @@ def silent_forge(scripted: Callable[..., Scripted]) -> Iterator[tuple[Scripted, 
 def test_gitea_uses_it_unless_a_proxy_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    assert isinstance(Gitea("https://git.example.com/api/v1", "t")._transport, ForgeTransport)
+    assert isinstance(Gitea("https://git.example.com/api/v1", "t")._forge, ForgeTransport)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.com:3128")
     # httpx's own transport, chosen by its client, honours the proxy.
-    assert Gitea("https://git.example.com/api/v1", "t")._transport is None
+    proxied = Gitea("https://git.example.com/api/v1", "t")
+    assert proxied._forge is None and proxied._client is not None
 
 
 def test_keeps_one_connection_alive_across_calls(forge: Forge) -> None:
@@ -376,18 +377,20 @@ def test_waiting_for_a_busy_pool_times_out(silent_forge: tuple[Scripted, threadi
     server, release = silent_forge
     transport = ForgeTransport(max_connections=1)
 
-    def request(pool: float) -> httpx.Request:
+    url = httpx.URL(f"{server.url}/user")
+
+    async def request(pool: float) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         timeouts = {"connect": 5.0, "read": 10.0, "write": 5.0, "pool": pool}
-        return httpx.Request("GET", f"{server.url}/user", extensions={"timeout": timeouts})
+        return await transport.send(origin(url), "GET", url.raw_path, [(b"Host", url.netloc)], b"", timeouts)
 
     async def go() -> None:
-        first = asyncio.create_task(transport.handle_async_request(request(10.0)))
+        first = asyncio.create_task(request(10.0))
         deadline = asyncio.get_running_loop().time() + 10
         while not server.accepted:  # the first call holds the only connection
             assert asyncio.get_running_loop().time() < deadline, "the first call never connected"
             await asyncio.sleep(0.01)
         with pytest.raises(httpx.PoolTimeout):
-            await transport.handle_async_request(request(0.2))
+            await request(0.2)
         release.set()  # the silent forge hangs up: the first call ends too
         with pytest.raises(httpx.RemoteProtocolError):
             await first
