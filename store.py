@@ -1,20 +1,28 @@
 """SQLite store: bottle state, webhook inbox, runs, the operation log, transitions, prompts.
 
-WAL; webhooks (and the sidecar's writes) are committed with ``synchronous=FULL``, on disk before
-they are answered, the rest with NORMAL (see ``Store.transaction``); the schema is
+WAL; webhooks are on disk before they are answered (``insert_events``, then the WAL synced, by
+``WalSync`` in the service), and so are the writes asked for as ``durable``, the rest are
+committed with ``synchronous=NORMAL`` (see ``Store.transaction``); the schema is
 versioned with ``PRAGMA user_version`` and migrated forward on open. Every write that must be
 atomic runs in one ``BEGIN IMMEDIATE`` transaction.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
+import logging
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +30,8 @@ from typing import Any
 from statemachine import BottleState, ForgeBottleError, TransitionRecord
 
 BUSY_TIMEOUT_MS = 10_000
+
+log = logging.getLogger("forgebottle")
 
 # MIGRATIONS[i] takes the schema from user_version i to i + 1. Append, never edit.
 MIGRATIONS: list[str] = [
@@ -292,45 +302,6 @@ def verify_chain(slug: str, ops: Sequence[Operation], *, head: str, count: int) 
     return ChainCheck(previous, True)
 
 
-class StagedEvents:
-    """Webhooks in an open intake transaction (``Store.stage_events``).
-
-    It ends exactly once, by ``commit`` or ``abandon``; until then the store's other writers
-    wait, so whoever stages must see to one of them.
-    """
-
-    def __init__(self, db: sqlite3.Connection, writing: threading.Lock, results: list[tuple[int, bool]]) -> None:
-        self._db = db
-        self._writing = writing
-        self._results = results
-        self._ending = threading.Lock()
-        self._ended = False
-
-    def _claim(self) -> bool:
-        with self._ending:
-            ended, self._ended = self._ended, True
-            return not ended
-
-    def commit(self) -> list[tuple[int, bool]]:
-        """Commit and fsync (blocking; any thread). (id, is_new) per event, once durable."""
-        if not self._claim():
-            raise StoreError("the staged webhooks were abandoned")
-        try:
-            self._db.execute("COMMIT")
-        except BaseException:
-            _end(self._db, None)
-            raise
-        finally:
-            self._writing.release()
-        return self._results
-
-    def abandon(self) -> None:
-        """Roll back, unless ``commit`` has begun: for when it was never handed to a thread
-        (the executor refused it at shutdown, or the wait for it was cancelled first)."""
-        if self._claim():
-            _end(self._db, self._writing)
-
-
 def _end(db: sqlite3.Connection | None, writing: threading.Lock | None) -> None:
     """Roll back whatever is left of a failed transaction and let the next writer in."""
     try:
@@ -342,6 +313,190 @@ def _end(db: sqlite3.Connection | None, writing: threading.Lock | None) -> None:
             writing.release()
 
 
+def sync_file(path: Path) -> None:
+    """fdatasync ``path``: everything written to it before the call is on disk after it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+# The helper process behind WalSync: one byte in per sync asked, one byte out once done ("k"), or
+# failed ("e"). Asks that arrive together share one fdatasync: each was sent after its commit's
+# write() returned, so one sync begun after reading them covers them all. The fd stays open so a
+# writeback error is reported to it (a file opened after the error may never hear of it); a new
+# WAL file (the database was closed and opened again) is noticed by its inode and reopened.
+_WAL_SYNC_HELPER = r"""
+import os, signal, sys
+# Stopping is the parent's to decide (a terminal's Ctrl-C reaches the whole process group, as may a
+# `systemctl stop`): it closes our stdin, or dies, which closes it too; until then syncs are answered.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+path, fd, seen = sys.argv[1], -1, None
+while True:
+    asks = os.read(0, 4096)
+    if not asks:
+        break
+    try:
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) != seen:
+            if fd >= 0:
+                os.close(fd)
+                fd = -1
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            seen = (st.st_dev, st.st_ino)
+        os.fdatasync(fd)
+        answer = b"k"
+    except OSError:
+        answer = b"e"
+    os.write(1, answer * len(asks))
+"""
+
+
+class WalSync:
+    """Makes what is committed to a WAL durable without the event loop waiting on the disk.
+
+    A commit at ``synchronous=NORMAL`` writes the WAL but does not sync it; ``await sync()``
+    then fdatasyncs it, which is all that FULL adds to a commit in WAL mode. The sync runs in a
+    helper process, not a thread: a thread needs the GIL to start and to report, from an event
+    loop that holds it nearly all the time, and under a webhook burst those hand-offs cost
+    intake more than the inserts and the fsync together (bench/README.md). Should the helper be
+    missing, fail or exit, syncs run in a thread instead (the same guarantee, slower; counted in
+    ``syncs``) and a new helper is tried ``retry_after`` seconds later.
+
+    The helper is ``python -I`` with an empty environment and the WAL's path as its only
+    argument; it exits when its stdin closes, so also when this process dies, and not before
+    (it ignores SIGINT and SIGTERM, which a Ctrl-C or a ``systemctl stop`` may send it along with
+    this process).
+    """
+
+    def __init__(self, wal: Path, *, retry_after: float = 30.0, command: Sequence[str] | None = None) -> None:
+        self.wal = wal
+        self.retry_after = retry_after
+        self.syncs: dict[str, int] = {"helper": 0, "thread": 0}
+        self._command = list(command or [sys.executable, "-I", "-c", _WAL_SYNC_HELPER, str(wal)])
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: collections.deque[asyncio.Future[bool]] = collections.deque()
+        self._lost_at: float | None = None
+        self._closed = False
+        self._exiting: list[subprocess.Popen[bytes]] = []  # let go of, reaped once they have exited
+
+    @property
+    def helper_pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def sync(self) -> str:
+        """Return once everything written to the WAL before the call is on disk: ``"helper"``
+        or ``"thread"``, whichever synced it. Raises OSError if neither could."""
+        loop = asyncio.get_running_loop()
+        if self._proc is not None and self._loop is not loop:  # answers would go to the other loop
+            self._detach()
+        if self._proc is None and not self._closed and self._may_spawn():
+            self._spawn(loop)
+        proc = self._proc
+        if proc is not None and proc.stdin is not None:
+            try:
+                os.write(proc.stdin.fileno(), b"s")
+            except BlockingIOError:  # 64 KiB of unanswered asks: this one goes to a thread
+                pass
+            except OSError as exc:
+                self._lost(f"could not be asked ({exc})")
+            else:
+                answered = loop.create_future()
+                self._waiting.append(answered)
+                if await answered:
+                    self.syncs["helper"] += 1
+                    return "helper"
+        await asyncio.to_thread(sync_file, self.wal)
+        self.syncs["thread"] += 1
+        return "thread"
+
+    async def close(self) -> None:
+        """Stop the helper (it exits once its stdin closes); later syncs run in threads."""
+        self._closed = True
+        self._detach()
+        for proc in self._exiting:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(proc.wait, 5)
+            if proc.returncode is None:  # stuck in the disk, most likely: left to init
+                proc.kill()
+        self._exiting = []
+
+    def _may_spawn(self) -> bool:
+        return self._lost_at is None or time.monotonic() >= self._lost_at + self.retry_after
+
+    def _spawn(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._exiting = [proc for proc in self._exiting if proc.poll() is None]
+        try:
+            proc = subprocess.Popen(
+                self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={}, bufsize=0, close_fds=True
+            )
+        except OSError as exc:
+            self._lost_at = time.monotonic()
+            log.warning("cannot start the WAL sync helper (%s): syncing in threads", exc)
+            return
+        assert proc.stdin is not None and proc.stdout is not None
+        os.set_blocking(proc.stdin.fileno(), False)
+        os.set_blocking(proc.stdout.fileno(), False)
+        loop.add_reader(proc.stdout.fileno(), self._answers)
+        self._loop, self._proc = loop, proc
+
+    def _answers(self) -> None:
+        proc = self._proc
+        if proc is None or proc.stdout is None:
+            return
+        try:
+            answers = os.read(proc.stdout.fileno(), 4096)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._lost(f"could not be read ({exc})")
+            return
+        if not answers:
+            self._lost(f"exited ({proc.poll()})")
+            return
+        failed = False
+        for answer in answers:
+            if not self._waiting:
+                self._lost("answered a sync nobody asked for")
+                return
+            waiter = self._waiting.popleft()
+            failed = failed or answer != ord("k")
+            if not waiter.done():
+                waiter.set_result(answer == ord("k"))
+        if failed:
+            log.warning("the WAL sync helper could not sync %s: syncing in a thread", self.wal)
+
+    def _lost(self, reason: str) -> None:
+        proc = self._detach()
+        if proc is not None:
+            proc.kill()  # not waited for: a helper stuck in the disk would stall the event loop
+        self._lost_at = time.monotonic()
+        log.warning("the WAL sync helper %s; syncing in threads, a new helper in %.0fs", reason, self.retry_after)
+
+    def _detach(self) -> subprocess.Popen[bytes] | None:
+        """Let the helper go: close its pipes (its stdin closing stops it) and send every sync
+        still waiting on it to a thread."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        self._exiting.append(proc)
+        if self._loop is not None and proc.stdout is not None:
+            self._loop.remove_reader(proc.stdout.fileno())
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        waiting, self._waiting = self._waiting, collections.deque()
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_result(False)
+        return proc
+
+
 class Store:
     """All persistent state. Thread-safe: one connection behind a lock."""
 
@@ -351,9 +506,9 @@ class Store:
         self._lock = threading.RLock()
         # Held for every write transaction, on either connection, so a writer waits exactly as
         # long as the write before it rather than in SQLite's busy-handler sleeps (1, 2, 5 ms...).
-        # A plain Lock, not the RLock: intake opens its transaction on the event loop and
-        # commits it in a worker thread.
         self._writing = threading.Lock()
+        self._checkpointing = threading.Lock()
+        self._checkpointer: sqlite3.Connection | None = None
         self._db = self._connect()
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -369,10 +524,11 @@ class Store:
         return db
 
     def close(self) -> None:
-        with self._lock, self._writing:
+        with self._lock, self._writing, self._checkpointing:
+            for db in (self._intake, self._checkpointer):
+                if db is not None:
+                    db.close()
             self._db.close()
-            if self._intake is not None:
-                self._intake.close()
 
     @property
     def version(self) -> int:
@@ -524,54 +680,77 @@ class Store:
 
     def add_events(self, events: Sequence[NewEvent]) -> list[tuple[int, bool]]:
         """Store webhooks in one transaction, one fsync (group commit). (id, is_new) for each."""
-        return self.stage_events(events).commit()
+        results = self.insert_events(events)
+        sync_file(self.wal_path)
+        return results
 
-    def stage_events(self, events: Sequence[NewEvent]) -> StagedEvents:
-        """Insert webhooks into an open transaction; ``commit()`` makes them durable.
+    @property
+    def wal_path(self) -> Path:
+        return self.path.with_name(self.path.name + "-wal")
 
-        Intake stages on the event loop and commits in a worker thread. The thread then holds
-        the GIL only to start and to finish the commit: when it ran the inserts too, every
-        statement handed the GIL back and forth with the busy event loop, and under a burst a
-        batch that takes 0.5 ms alone took 4-5 ms. The inserts are on their own connection, so
-        nothing else in this process reads them before they are durable; other writes wait for
-        the commit (``_writing``, then SQLite's own write lock).
+    def insert_events(self, events: Sequence[NewEvent]) -> list[tuple[int, bool]]:
+        """Commit webhooks without waiting for the disk: (id, is_new) for each.
+
+        They survive a crash of this process, not yet of the machine, until the WAL is synced
+        (``sync_file(wal_path)``, or a ``WalSync``): nothing may answer for them or act on them
+        before that (``pending_events(before=...)`` keeps the worker off them). Intake commits
+        here, on the event loop, and syncs in a helper process. This connection never
+        checkpoints as part of a commit, which would stall the loop on two fsyncs; whoever
+        inserts runs ``checkpoint`` elsewhere (the main connection also checkpoints on its own).
         """
-        self._writing.acquire()
-        try:
+        with self._writing:
             if self._intake is None:
                 self._intake = self._connect()
-                self._intake.execute("PRAGMA synchronous=FULL")
+                self._intake.execute("PRAGMA synchronous=NORMAL")
+                self._intake.execute("PRAGMA wal_autocheckpoint=0")
+                self._intake.execute("PRAGMA cache_size=-16384")
             db = self._intake
-            db.execute("BEGIN IMMEDIATE")
-            results: list[tuple[int, bool]] = []
-            for event in events:
-                digest = hashlib.sha256(event.body).hexdigest()
-                # Insert first, look up only a replay: one statement for a new event.
-                cursor = db.execute(
-                    "INSERT INTO inbox (received_at, delivery, event_type, body, body_sha256, status, reason, "
-                    "processed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (body_sha256) DO NOTHING",
-                    (
-                        event.received_at,
-                        event.delivery,
-                        event.event_type,
-                        event.body,
-                        digest,
-                        "ignored" if event.ignored else "pending",
-                        event.ignored,
-                        event.received_at if event.ignored else None,
-                    ),
-                )
-                if cursor.rowcount == 1 and cursor.lastrowid is not None:
-                    results.append((cursor.lastrowid, True))
-                    continue
-                existing = db.execute("SELECT id FROM inbox WHERE body_sha256 = ?", (digest,)).fetchone()
-                results.append((int(existing[0]), False))
-        except BaseException:
-            _end(self._intake, self._writing)
-            raise
-        return StagedEvents(db, self._writing, results)
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                results: list[tuple[int, bool]] = []
+                for event in events:
+                    digest = hashlib.sha256(event.body).hexdigest()
+                    # Insert first, look up only a replay: one statement for a new event.
+                    cursor = db.execute(
+                        "INSERT INTO inbox (received_at, delivery, event_type, body, body_sha256, status, reason, "
+                        "processed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (body_sha256) DO NOTHING",
+                        (
+                            event.received_at,
+                            event.delivery,
+                            event.event_type,
+                            event.body,
+                            digest,
+                            "ignored" if event.ignored else "pending",
+                            event.ignored,
+                            event.received_at if event.ignored else None,
+                        ),
+                    )
+                    if cursor.rowcount == 1 and cursor.lastrowid is not None:
+                        results.append((cursor.lastrowid, True))
+                        continue
+                    existing = db.execute("SELECT id FROM inbox WHERE body_sha256 = ?", (digest,)).fetchone()
+                    results.append((int(existing[0]), False))
+                db.execute("COMMIT")
+            except BaseException:
+                _end(db, None)
+                raise
+        return results
 
-    def pending_events(self, limit: int = 100) -> list[InboxEvent]:
+    def checkpoint(self) -> None:
+        """Copy committed WAL frames into the database (PASSIVE: it waits for no reader or
+        writer). Blocking: the service runs it in a thread, on a connection of its own."""
+        with self._checkpointing:
+            if self._checkpointer is None:
+                self._checkpointer = self._connect()
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def pending_events(self, limit: int = 100, *, before: int | None = None) -> list[InboxEvent]:
+        """The oldest pending events; ``before``: only those with a smaller id."""
+        if before is not None:
+            rows = self._query(
+                "SELECT * FROM inbox WHERE status = 'pending' AND id < ? ORDER BY id LIMIT ?", (before, limit)
+            )
+            return [self._event(r) for r in rows]
         rows = self._query("SELECT * FROM inbox WHERE status = 'pending' ORDER BY id LIMIT ?", (limit,))
         return [self._event(r) for r in rows]
 

@@ -6,6 +6,7 @@ webhooks from devforge, the sidecar socket) and read the SQLite file it writes.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import shutil
@@ -47,6 +48,18 @@ def wait_until(predicate: Callable[[], T], *, timeout: float = 30.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+async def until(predicate: Callable[[], T], *, timeout: float = 30.0, what: str = "condition") -> T:
+    """``wait_until`` inside an event loop: polls without blocking it, so its tasks go on."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 @dataclasses.dataclass

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sqlite3
-import threading
 from pathlib import Path
 
 import pytest
@@ -129,24 +129,32 @@ def test_a_batch_repeating_a_body_stores_it_once(store: Store) -> None:
     assert [e.body for e in store.pending_events()] == [b"old", b"a", b"b"]
 
 
-def test_staged_events_are_unseen_and_writers_wait_until_the_commit(store: Store) -> None:
-    staged = store.stage_events([event(b"staged")])
-    assert store.pending_events() == []  # not durable yet: the worker must not see it
-    entered, written = threading.Event(), threading.Event()
+def test_pending_events_before_an_id_leave_out_that_event_and_later_ones(store: Store) -> None:
+    [(synced, _)] = store.add_events([event(b"synced")])
+    [(first, _), (second, _)] = store.insert_events([event(b"unsynced"), event(b"unsynced too")])
+    assert [e.id for e in store.pending_events(before=first)] == [synced]
+    assert [e.id for e in store.pending_events()] == [synced, first, second]
 
-    def write() -> None:
-        entered.set()
-        store.upsert(state())
-        written.set()
 
-    writer = threading.Thread(target=write)
-    writer.start()
-    assert entered.wait(10)
-    assert not written.wait(0.2)  # a write would otherwise run inside the intake transaction
-    [(event_id, new)] = staged.commit()
-    writer.join(10)
-    assert written.is_set() and new
-    assert [e.id for e in store.pending_events()] == [event_id]
+def checkpointed_inbox(store: Store, tmp_path: Path) -> int:
+    """Inbox rows in the database file alone: what checkpoints copied there from the WAL."""
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(store.path.read_bytes())
+    with contextlib.closing(sqlite3.connect(copy)) as db:
+        return int(db.execute("SELECT count(*) FROM inbox").fetchone()[0])
+
+
+def test_intake_never_checkpoints_in_a_commit_but_checkpoint_does(store: Store, tmp_path: Path) -> None:
+    store.checkpoint()  # the schema, into the database file
+    assert checkpointed_inbox(store, tmp_path) == 0
+    # Well past SQLite's default of a checkpoint every 1,000 pages, had intake kept it.
+    for n in range(300):
+        store.insert_events([event(b"%d-%d" % (n, i) + b"x" * 3000) for i in range(5)])
+    wal_pages = store.wal_path.stat().st_size // 4096
+    assert wal_pages > 1500
+    assert checkpointed_inbox(store, tmp_path) == 0
+    store.checkpoint()
+    assert checkpointed_inbox(store, tmp_path) == 1500
 
 
 def test_a_failed_batch_stores_nothing_and_frees_the_store(store: Store) -> None:
@@ -155,19 +163,6 @@ def test_a_failed_batch_stores_nothing_and_frees_the_store(store: Store) -> None
     assert store.add_events([event(b"first")])[0][1]  # not a replay: the failed batch left nothing
     store.upsert(state())  # and writers are not locked out
     assert [e.body for e in store.pending_events()] == [b"first"]
-
-
-def test_staged_events_end_once_by_commit_or_abandon(store: Store) -> None:
-    dropped = store.stage_events([event(b"dropped")])
-    dropped.abandon()
-    with pytest.raises(StoreError, match="abandoned"):
-        dropped.commit()
-    assert store.pending_events() == []
-    store.upsert(state())  # the store is not left locked
-    kept = store.stage_events([event(b"kept")])
-    [(event_id, new)] = kept.commit()
-    kept.abandon()  # too late: a no-op
-    assert new and [e.id for e in store.pending_events()] == [event_id]
 
 
 def test_transition_is_persisted_with_its_record(store: Store) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import subprocess
-import threading
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlencode
@@ -18,8 +18,8 @@ from starlette.requests import Request
 from forgebottle import Config, Service
 from gitea import Gitea, Secret
 from statemachine import BottleState
-from store import NewEvent, Store
-from tests.conftest import Rig, needs_bwrap, post_webhook, processes_mentioning, read_when, sign, wait_until
+from store import Store, WalSync
+from tests.conftest import Rig, needs_bwrap, post_webhook, processes_mentioning, read_when, sign, until, wait_until
 
 pytestmark = needs_bwrap
 
@@ -358,23 +358,36 @@ def test_a_failed_clone_ahead_is_cloned_again_at_launch(rig: Rig, caplog: pytest
     assert list((rig.state_dir / "clones").iterdir()) == []
 
 
-def test_intake_that_cannot_reach_its_commit_thread_fails_without_locking_the_store(tmp_path: Path) -> None:
-    # At shutdown the default executor refuses new work: the staged batch must be rolled back,
-    # or every later write (and so the event loop) would wait on the store forever.
+def test_a_webhook_is_answered_and_acted_on_only_once_its_wal_is_synced(tmp_path: Path) -> None:
+    # A helper that syncs once the test opens the gate: until then the event is committed (in the
+    # database) but neither answered nor handed to the worker.
+    gate = tmp_path / "gate"
+    helper = [
+        sys.executable,
+        "-c",
+        "import os, sys, time\n"
+        "while os.read(0, 1):\n"
+        "    while not os.path.exists(sys.argv[1]): time.sleep(0.01)\n"
+        "    os.write(1, b'k')\n",
+        str(gate),
+    ]
     config = Config(
         api_url="http://127.0.0.1:9/api/v1", token=Secret("t"), webhook_secret=Secret("s"), state_dir=tmp_path
     )
     store = Store(config.db_path)
-    service = Service(config, store, Gitea(config.api_url, "t"))
+    wal = WalSync(store.wal_path, command=helper)
+    service = Service(config, store, Gitea(config.api_url, "t"), wal=wal)
 
     async def go() -> None:
-        await asyncio.get_running_loop().shutdown_default_executor()
-        with pytest.raises(RuntimeError):
-            await service.accept(delivery="d", event_type="issues", body=b'{"n": 1}')
+        accepted = asyncio.create_task(service.accept(delivery="d", event_type="issues", body=b'{"n": 1}'))
+        await until(store.pending_events, what="the event to be committed")
+        assert not accepted.done()
+        assert service.ready_events() == []
+        gate.touch()
+        event_id, new = await asyncio.wait_for(accepted, 30)
+        assert new and [e.id for e in store.pending_events()] == [event_id]
+        assert [e.id for e in service.ready_events()] == [event_id]
+        assert 'forgebottle_wal_syncs_total{by="helper"} 1' in service.metrics.render({})
+        await wal.close()
 
     asyncio.run(go())
-    writer = threading.Thread(target=lambda: store.add_events([NewEvent("t", "d", "issues", b'{"n": 2}')]), daemon=True)
-    writer.start()
-    writer.join(10)
-    assert not writer.is_alive(), "the store stayed locked"
-    assert [e.body for e in store.pending_events()] == [b'{"n": 2}']
