@@ -703,6 +703,9 @@ class Store:
                 self._intake = self._connect()
                 self._intake.execute("PRAGMA synchronous=NORMAL")
                 self._intake.execute("PRAGMA wal_autocheckpoint=0")
+                # Each event lands on a random page of the body_sha256 index: a cache larger than
+                # the default 2 MB keeps that index in memory instead of re-reading a few pages
+                # from disk per batch (16 MB is the index of ~200,000 events).
                 self._intake.execute("PRAGMA cache_size=-16384")
             db = self._intake
             try:
