@@ -366,17 +366,17 @@ class WalSync:
     missing, fail or exit, syncs run in a thread instead (the same guarantee, slower; counted in
     ``syncs``) and a new helper is tried ``retry_after`` seconds later.
 
-    The helper is ``python -I`` with an empty environment and the WAL's path as its only
-    argument; it exits when its stdin closes, so also when this process dies, and not before
-    (it ignores SIGINT and SIGTERM, which a Ctrl-C or a ``systemctl stop`` may send it along with
-    this process).
+    The helper is ``python -I -S`` (nothing imported beyond ``os``, ``signal`` and ``sys``: ~9 MB
+    resident) with an empty environment and the WAL's path as its only argument. It exits when
+    its stdin closes, so also when this process dies, and not before: it ignores SIGINT and
+    SIGTERM, which a Ctrl-C or a ``systemctl stop`` may send it along with this process.
     """
 
     def __init__(self, wal: Path, *, retry_after: float = 30.0, command: Sequence[str] | None = None) -> None:
         self.wal = wal
         self.retry_after = retry_after
         self.syncs: dict[str, int] = {"helper": 0, "thread": 0}
-        self._command = list(command or [sys.executable, "-I", "-c", _WAL_SYNC_HELPER, str(wal)])
+        self._command = list(command or [sys.executable, "-I", "-S", "-c", _WAL_SYNC_HELPER, str(wal)])
         self._proc: subprocess.Popen[bytes] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting: collections.deque[asyncio.Future[bool]] = collections.deque()
