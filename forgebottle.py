@@ -829,6 +829,9 @@ class Service:
                 self._unsynced = min(fresh, default=None)
                 by = await self._wal.sync()
             except Exception as exc:  # the edge of intake: every waiter gets the failure, none hangs
+                # A failed sync (the disk, not the helper: a thread retried it) leaves the batch
+                # committed but unconfirmed: its senders hear of the failure, and the worker may
+                # still act on it, as it would on events found after a crash.
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from statemachine import BottleState, ForgeBottleError, TransitionRecord
 
@@ -388,7 +388,7 @@ class WalSync:
     def helper_pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    async def sync(self) -> str:
+    async def sync(self) -> Literal["helper", "thread"]:
         """Return once everything written to the WAL before the call is on disk: ``"helper"``
         or ``"thread"``, whichever synced it. Raises OSError if neither could."""
         loop = asyncio.get_running_loop()

@@ -391,3 +391,22 @@ def test_a_webhook_is_answered_and_acted_on_only_once_its_wal_is_synced(tmp_path
         await wal.close()
 
     asyncio.run(go())
+
+
+def test_a_webhook_whose_sync_fails_is_refused_but_kept(tmp_path: Path) -> None:
+    # Neither helper nor thread can sync (the WAL the syncer was given is not there): the sender
+    # hears of the failure; the event, committed, stays for the worker as after a crash.
+    config = Config(
+        api_url="http://127.0.0.1:9/api/v1", token=Secret("t"), webhook_secret=Secret("s"), state_dir=tmp_path
+    )
+    store = Store(config.db_path)
+    wal = WalSync(tmp_path / "not-the-wal")
+    service = Service(config, store, Gitea(config.api_url, "t"), wal=wal)
+
+    async def go() -> None:
+        with pytest.raises(FileNotFoundError):
+            await service.accept(delivery="d", event_type="issues", body=b'{"n": 1}')
+        assert [e.body for e in service.ready_events()] == [b'{"n": 1}']
+        await wal.close()
+
+    asyncio.run(go())
