@@ -136,6 +136,27 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE forge_state ADD COLUMN seen_comment_id INTEGER NOT NULL DEFAULT 0;
     """,
+    # 4: operations keyed by (slug, seq) alone, WITHOUT ROWID: an append writes one B-tree page
+    # rather than a table page and its key index's page (every sidecar call appends one).
+    """
+    CREATE TABLE operations_by_key (
+        slug TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        run INTEGER NOT NULL,
+        at TEXT NOT NULL,
+        op TEXT NOT NULL,
+        target TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        duration_ms REAL NOT NULL DEFAULT 0,
+        hash TEXT NOT NULL,
+        PRIMARY KEY (slug, seq)
+    ) WITHOUT ROWID;
+    INSERT INTO operations_by_key (slug, seq, run, at, op, target, outcome, detail, duration_ms, hash)
+        SELECT slug, seq, run, at, op, target, outcome, detail, duration_ms, hash FROM operations;
+    DROP TABLE operations;
+    ALTER TABLE operations_by_key RENAME TO operations;
+    """,
 ]
 
 
@@ -266,8 +287,11 @@ class Operation:
         }
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical(data: Any) -> str:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(data)
 
 
 def genesis(slug: str) -> str:
@@ -869,8 +893,9 @@ class Store:
                 raise StoreError(f"no bottle {slug!r}")
             previous = row["chain_head"] or genesis(slug)
             seq = int(row["op_count"]) + 1
-            draft = Operation(seq, run, at, op, target, outcome, detail, round(duration_ms, 3), "")
-            operation = dataclasses.replace(draft, hash=chain_hash(previous, draft))
+            duration_ms = round(duration_ms, 3)
+            draft = Operation(seq, run, at, op, target, outcome, detail, duration_ms, "")
+            operation = Operation(seq, run, at, op, target, outcome, detail, duration_ms, chain_hash(previous, draft))
             db.execute(
                 "INSERT INTO operations (slug, seq, run, at, op, target, outcome, detail, duration_ms, hash) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

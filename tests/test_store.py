@@ -184,6 +184,45 @@ def test_transition_is_persisted_with_its_record(store: Store) -> None:
     ]
 
 
+def test_operations_written_before_the_without_rowid_migration_still_verify(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    old = Store(path)
+    old.upsert(state())
+    appended = [
+        old.append_operation(
+            "acme-widgets-17",
+            run=1,
+            at=f"t{n}",
+            op="read_issue",
+            target="#17",
+            outcome="ok",
+            detail="d",
+            duration_ms=1.0,
+        )
+        for n in range(3)
+    ]
+    old.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:  # back to the rowid table of version 3
+        db.executescript(
+            "CREATE TABLE ops_rowid AS SELECT * FROM operations; DROP TABLE operations;"
+            + MIGRATIONS[0][MIGRATIONS[0].index("CREATE TABLE operations") :].split(";")[0]
+            + "; INSERT INTO operations SELECT * FROM ops_rowid; DROP TABLE ops_rowid; PRAGMA user_version = 3;"
+        )
+        assert (
+            "WITHOUT ROWID" not in db.execute("SELECT sql FROM sqlite_master WHERE name = 'operations'").fetchone()[0]
+        )
+    store = Store(path)
+    assert store.version == len(MIGRATIONS)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert "WITHOUT ROWID" in db.execute("SELECT sql FROM sqlite_master WHERE name = 'operations'").fetchone()[0]
+    assert store.operations("acme-widgets-17") == appended
+    assert store.verify("acme-widgets-17").verified
+    store.append_operation(
+        "acme-widgets-17", run=1, at="t3", op="read_issue", target="#17", outcome="ok", detail="d", duration_ms=1.0
+    )
+    assert store.verify("acme-widgets-17").verified
+
+
 def test_operation_chain_detects_edits_and_deletions(tmp_path: Path) -> None:
     store = Store(tmp_path / "db")
     store.upsert(state())
