@@ -38,28 +38,33 @@ needs_bwrap = pytest.mark.skipif(not HAVE_BWRAP, reason="bubblewrap is not insta
 WEBHOOK_SECRET = "whsec-" + "5" * 24
 
 
-def wait_until(predicate: Callable[[], T], *, timeout: float = 30.0, what: str = "condition") -> T:
-    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout`` seconds."""
+def _polls(timeout: float, what: str) -> Iterator[None]:
+    """Yield until ``timeout`` seconds have passed, then fail the test."""
     deadline = time.monotonic() + timeout
     while True:
+        yield
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_until(predicate: Callable[[], T], *, timeout: float = 30.0, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    for _ in _polls(timeout, what):
         value = predicate()
         if value:
             return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+    raise AssertionError("unreachable")
 
 
 async def until(predicate: Callable[[], T], *, timeout: float = 30.0, what: str = "condition") -> T:
     """``wait_until`` inside an event loop: polls without blocking it, so its tasks go on."""
-    deadline = time.monotonic() + timeout
-    while True:
+    for _ in _polls(timeout, what):
         value = predicate()
         if value:
             return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.01)
+    raise AssertionError("unreachable")
 
 
 @dataclasses.dataclass

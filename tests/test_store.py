@@ -184,23 +184,24 @@ def test_transition_is_persisted_with_its_record(store: Store) -> None:
     ]
 
 
+def append_read(store: Store, n: int) -> Operation:
+    return store.append_operation(
+        "acme-widgets-17",
+        run=1,
+        at=f"2026-01-01T00:00:0{n}",
+        op="read_issue",
+        target="#17",
+        outcome="ok",
+        detail="read issue #17",
+        duration_ms=1.5,
+    )
+
+
 def test_operations_written_before_the_without_rowid_migration_still_verify(tmp_path: Path) -> None:
     path = tmp_path / "db"
     old = Store(path)
     old.upsert(state())
-    appended = [
-        old.append_operation(
-            "acme-widgets-17",
-            run=1,
-            at=f"t{n}",
-            op="read_issue",
-            target="#17",
-            outcome="ok",
-            detail="d",
-            duration_ms=1.0,
-        )
-        for n in range(3)
-    ]
+    appended = [append_read(old, n) for n in range(3)]
     old.close()
     with contextlib.closing(sqlite3.connect(path)) as db:  # back to the rowid table of version 3
         db.executescript(
@@ -217,9 +218,7 @@ def test_operations_written_before_the_without_rowid_migration_still_verify(tmp_
         assert "WITHOUT ROWID" in db.execute("SELECT sql FROM sqlite_master WHERE name = 'operations'").fetchone()[0]
     assert store.operations("acme-widgets-17") == appended
     assert store.verify("acme-widgets-17").verified
-    store.append_operation(
-        "acme-widgets-17", run=1, at="t3", op="read_issue", target="#17", outcome="ok", detail="d", duration_ms=1.0
-    )
+    append_read(store, 3)
     assert store.verify("acme-widgets-17").verified
 
 
@@ -227,16 +226,7 @@ def test_operation_chain_detects_edits_and_deletions(tmp_path: Path) -> None:
     store = Store(tmp_path / "db")
     store.upsert(state())
     for n in range(4):
-        store.append_operation(
-            "acme-widgets-17",
-            run=1,
-            at=f"2026-01-01T00:00:0{n}",
-            op="read_issue",
-            target="#17",
-            outcome="ok",
-            detail="read issue #17",
-            duration_ms=1.5,
-        )
+        append_read(store, n)
     assert store.verify("acme-widgets-17").verified
     with sqlite3.connect(tmp_path / "db") as db:
         db.execute("UPDATE operations SET detail = 'nothing' WHERE seq = 2")
