@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import subprocess
@@ -358,24 +359,27 @@ import os, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 path, fd, seen = sys.argv[1], -1, None
-while True:
-    asks = os.read(0, 4096)
-    if not asks:
-        break
-    try:
-        st = os.stat(path)
-        if (st.st_dev, st.st_ino) != seen:
-            if fd >= 0:
-                os.close(fd)
-                fd = -1
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            st = os.fstat(fd)
-            seen = (st.st_dev, st.st_ino)
-        os.fdatasync(fd)
-        answer = b"k"
-    except OSError:
-        answer = b"e"
-    os.write(1, answer * len(asks))
+try:
+    while True:
+        asks = os.read(0, 4096)
+        if not asks:
+            break
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) != seen:
+                if fd >= 0:
+                    os.close(fd)
+                    fd = -1
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                st = os.fstat(fd)
+                seen = (st.st_dev, st.st_ino)
+            os.fdatasync(fd)
+            answer = b"k"
+        except OSError:
+            answer = b"e"
+        os.write(1, answer * len(asks))
+except BrokenPipeError:  # the parent let us go with a sync in flight: nobody is waiting for it
+    pass
 """
 
 
@@ -400,7 +404,9 @@ class WalSync:
         self.wal = wal
         self.retry_after = retry_after
         self.syncs: dict[str, int] = {"helper": 0, "thread": 0}
-        self._command = list(command or [sys.executable, "-I", "-S", "-c", _WAL_SYNC_HELPER, str(wal)])
+        if command is None:  # an embedded interpreter may not know its executable: no helper then
+            command = [sys.executable, "-I", "-S", "-c", _WAL_SYNC_HELPER, str(wal)] if sys.executable else []
+        self._command = list(command)
         self._proc: subprocess.Popen[bytes] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting: collections.deque[asyncio.Future[bool]] = collections.deque()
@@ -454,6 +460,10 @@ class WalSync:
 
     def _spawn(self, loop: asyncio.AbstractEventLoop) -> None:
         self._exiting = [proc for proc in self._exiting if proc.poll() is None]
+        if not self._command:
+            self._lost_at = math.inf
+            log.warning("no Python executable to run the WAL sync helper: syncing in threads")
+            return
         try:
             proc = subprocess.Popen(
                 self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={}, bufsize=0, close_fds=True

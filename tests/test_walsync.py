@@ -126,6 +126,21 @@ def test_without_a_helper_every_sync_runs_in_a_thread(store: Store, caplog: pyte
     assert sum("cannot start the WAL sync helper" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_an_interpreter_that_does_not_know_its_executable_syncs_in_threads(
+    store: Store, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "executable", "")  # as embedded interpreters may report
+
+    async def go() -> None:
+        wal = WalSync(store.wal_path, retry_after=0)
+        assert [await wal.sync() for _ in range(3)] == ["thread"] * 3
+        await wal.close()
+
+    with caplog.at_level(logging.WARNING, logger="forgebottle"):
+        run(go)
+    assert sum("no Python executable" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_a_sync_neither_can_make_raises(tmp_path: Path) -> None:
     async def go() -> None:
         wal = WalSync(tmp_path / "missing-wal")
