@@ -672,10 +672,17 @@ def rss_kib(pid: int) -> int:
 
 def wal_helpers(pid: int) -> list[int]:
     """``pid``'s WAL sync helper (store.WalSync), if it has started one: part of serve's cost."""
-    children = [
-        int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()
-    ]
-    return [c for c in children if b"fdatasync" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"fdatasync" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return found
 
 
 def serve_rss_kib(pid: int) -> int:
