@@ -327,15 +327,20 @@ def verify_chain(slug: str, ops: Sequence[Operation], *, head: str, count: int) 
     return ChainCheck(previous, True)
 
 
-def _end(db: sqlite3.Connection | None, writing: threading.Lock | None) -> None:
-    """Roll back whatever is left of a failed transaction and let the next writer in."""
+@contextlib.contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One ``BEGIN IMMEDIATE`` transaction on ``db``, committed, or rolled back on any failure
+    (its commit's included: the connection is never left inside a transaction). A failing
+    rollback does not hide the error that caused it."""
+    db.execute("BEGIN IMMEDIATE")
     try:
-        if db is not None and db.in_transaction:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
-    finally:
-        if writing is not None:
-            writing.release()
+        raise
 
 
 def sync_file(path: Path) -> None:
@@ -595,13 +600,8 @@ class Store:
             if mode != self._sync:  # a statement per transaction otherwise (~10% of a sidecar append)
                 self._db.execute(f"PRAGMA synchronous={mode}")
                 self._sync = mode
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+            with _immediate(self._db) as db:
+                yield db
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -741,10 +741,8 @@ class Store:
                 # the default 2 MB keeps that index in memory instead of re-reading a few pages
                 # from disk per batch (16 MB is the index of ~200,000 events).
                 self._intake.execute("PRAGMA cache_size=-16384")
-            db = self._intake
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                results: list[tuple[int, bool]] = []
+            results: list[tuple[int, bool]] = []
+            with _immediate(self._intake) as db:
                 for event in events:
                     digest = hashlib.sha256(event.body).hexdigest()
                     # Insert first, look up only a replay: one statement for a new event.
@@ -767,10 +765,6 @@ class Store:
                         continue
                     existing = db.execute("SELECT id FROM inbox WHERE body_sha256 = ?", (digest,)).fetchone()
                     results.append((int(existing[0]), False))
-                db.execute("COMMIT")
-            except BaseException:
-                _end(db, None)
-                raise
         return results
 
     def checkpoint(self) -> None:
