@@ -31,6 +31,7 @@ from typing import Any, Literal
 from statemachine import BottleState, ForgeBottleError, TransitionRecord
 
 BUSY_TIMEOUT_MS = 10_000
+MAX_ROWID = 2**63 - 1  # SQLite's largest integer key
 
 log = logging.getLogger("forgebottle")
 
@@ -777,12 +778,10 @@ class Store:
 
     def pending_events(self, limit: int = 100, *, before: int | None = None) -> list[InboxEvent]:
         """The oldest pending events; ``before``: only those with a smaller id."""
-        if before is not None:
-            rows = self._query(
-                "SELECT * FROM inbox WHERE status = 'pending' AND id < ? ORDER BY id LIMIT ?", (before, limit)
-            )
-            return [self._event(r) for r in rows]
-        rows = self._query("SELECT * FROM inbox WHERE status = 'pending' ORDER BY id LIMIT ?", (limit,))
+        last = MAX_ROWID if before is None else before - 1
+        rows = self._query(
+            "SELECT * FROM inbox WHERE status = 'pending' AND id <= ? ORDER BY id LIMIT ?", (last, limit)
+        )
         return [self._event(r) for r in rows]
 
     def event(self, event_id: int) -> InboxEvent | None:
