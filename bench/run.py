@@ -685,27 +685,28 @@ def wal_helpers(pid: int) -> list[int]:
     return found
 
 
-def serve_rss_kib(pid: int) -> int:
-    return rss_kib(pid) + sum(rss_kib(helper) for helper in wal_helpers(pid))
+def serve_rss_kib(pid: int) -> tuple[int, int]:
+    """RSS of ``pid`` with its WAL helper's, and the helper's alone (KiB)."""
+    helper = sum(rss_kib(h) for h in wal_helpers(pid))
+    return rss_kib(pid) + helper, helper
 
 
 def bench_memory(sizes: Sizes, root: Path) -> dict[str, Any]:
     stack = Stack(root, max_running=4)
     try:
         time.sleep(1)  # settle: RSS right after start-up is still growing
-        idle = serve_rss_kib(stack.proc.pid)
+        idle, _ = serve_rss_kib(stack.proc.pid)
         fill_store(stack.state_dir / "bot-bottle.db", sizes.frozen)
         for _ in range(2):
             stack.wait_running(stack.open_issue())
         for _ in range(200):  # exercise the read side while loaded
             httpx.get(f"{stack.url}/api/bottles", timeout=10)
         time.sleep(1)
-        loaded = serve_rss_kib(stack.proc.pid)
-        helpers = wal_helpers(stack.proc.pid)
+        loaded, helper = serve_rss_kib(stack.proc.pid)
         out: dict[str, Any] = {
             "idle_rss_mib": round(idle / 1024, 1),
             "loaded_rss_mib": round(loaded / 1024, 1),
-            "of_which_wal_helper_mib": round(sum(rss_kib(h) for h in helpers) / 1024, 1),
+            "of_which_wal_helper_mib": round(helper / 1024, 1),
             "ratio": round(loaded / idle, 3),
         }
         out["targets"] = {f"RSS with {sizes.frozen} frozen + 2 running <= 1.5x idle": out["ratio"] <= 1.5}
