@@ -358,6 +358,15 @@ def test_a_failed_clone_ahead_is_cloned_again_at_launch(rig: Rig, caplog: pytest
     assert list((rig.state_dir / "clones").iterdir()) == []
 
 
+def intake_only(state_dir: Path, store: Store, wal: WalSync) -> Service:
+    """A service never started, with no forge to reach: for what accept() does alone."""
+    config = Config(
+        api_url="http://127.0.0.1:9/api/v1", token=Secret("t"), webhook_secret=Secret("s"), state_dir=state_dir
+    )
+    assert config.db_path == store.path
+    return Service(config, store, Gitea(config.api_url, "t"), wal=wal)
+
+
 def test_a_webhook_is_answered_and_acted_on_only_once_its_wal_is_synced(tmp_path: Path) -> None:
     # A helper that syncs once the test opens the gate: until then the event is committed (in the
     # database) but neither answered nor handed to the worker.
@@ -371,12 +380,9 @@ def test_a_webhook_is_answered_and_acted_on_only_once_its_wal_is_synced(tmp_path
         "    os.write(1, b'k')\n",
         str(gate),
     ]
-    config = Config(
-        api_url="http://127.0.0.1:9/api/v1", token=Secret("t"), webhook_secret=Secret("s"), state_dir=tmp_path
-    )
-    store = Store(config.db_path)
+    store = Store(tmp_path / "bot-bottle.db")
     wal = WalSync(store.wal_path, command=helper)
-    service = Service(config, store, Gitea(config.api_url, "t"), wal=wal)
+    service = intake_only(tmp_path, store, wal)
 
     async def go() -> None:
         accepted = asyncio.create_task(service.accept(delivery="d", event_type="issues", body=b'{"n": 1}'))
@@ -396,12 +402,9 @@ def test_a_webhook_is_answered_and_acted_on_only_once_its_wal_is_synced(tmp_path
 def test_a_webhook_whose_sync_fails_is_refused_but_kept(tmp_path: Path) -> None:
     # Neither helper nor thread can sync (the WAL the syncer was given is not there): the sender
     # hears of the failure; the event, committed, stays for the worker as after a crash.
-    config = Config(
-        api_url="http://127.0.0.1:9/api/v1", token=Secret("t"), webhook_secret=Secret("s"), state_dir=tmp_path
-    )
-    store = Store(config.db_path)
+    store = Store(tmp_path / "bot-bottle.db")
     wal = WalSync(tmp_path / "not-the-wal")
-    service = Service(config, store, Gitea(config.api_url, "t"), wal=wal)
+    service = intake_only(tmp_path, store, wal)
 
     async def go() -> None:
         with pytest.raises(FileNotFoundError):
