@@ -309,6 +309,9 @@ class BodyTooSlow(ForgeBottleError):
 
 
 BODY_TICK = 0.25
+# An agent's call is at most MAX_REQUEST_BYTES over a local socket: 10 s is generous, and a
+# dribbling client holds its connection no longer than that.
+BODY_SECONDS = 10.0
 
 
 class _Deadlines:
@@ -391,19 +394,18 @@ async def _receive_body(request: Request, limit: int) -> bytes | None:
 def sidecar_app(access: BottleAccess) -> Starlette:
     dispatcher = Dispatcher(access)
 
+    def rejected(detail: str, status: int, message: str) -> Response:
+        access.record(op="invalid", target="", outcome="error", detail=detail, duration_ms=0)
+        return JSONResponse(_error(None, RpcError(INVALID_REQUEST, message)), status_code=status)
+
     async def rpc(request: Request) -> Response:
-        raw = await read_bounded(request, MAX_REQUEST_BYTES)
+        try:
+            raw = await read_bounded(request, MAX_REQUEST_BYTES, seconds=BODY_SECONDS)
+        except BodyTooSlow as exc:
+            return rejected(f"rejected request: {exc}", BodyTooSlow.http_status, str(exc))
         if raw is None:
-            access.record(
-                op="invalid",
-                target="",
-                outcome="error",
-                detail=f"rejected request over {MAX_REQUEST_BYTES} bytes",
-                duration_ms=0,
-            )
-            return JSONResponse(
-                _error(None, RpcError(INVALID_REQUEST, f"request over {MAX_REQUEST_BYTES} bytes")), status_code=413
-            )
+            message = f"request over {MAX_REQUEST_BYTES} bytes"
+            return rejected(f"rejected {message}", 413, message)
         answer = await dispatcher.handle_body(raw)
         if answer is None:
             return Response(status_code=204)

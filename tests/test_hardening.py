@@ -611,17 +611,23 @@ def test_abusive_clients_do_not_starve_others(
     sock = str(rig.state_dir / "sidecars" / state.slug / "forge.sock")
     stop = threading.Event()
 
-    cut_off: list[str] = []
+    cut_off: list[tuple[str, bytes]] = []
 
-    def slow_body() -> None:
+    def slow_body(target: str) -> None:
         # Declares a body, then dribbles it out: one byte every 100 ms, until answered.
         import socket
 
-        with socket.create_connection(("127.0.0.1", rig.server.port)) as conn:
-            conn.sendall(
-                b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"X-Gitea-Event-Type: issues\r\nContent-Length: 100000\r\n\r\n"
+        if target == "sidecar":
+            conn = socket.socket(socket.AF_UNIX)
+            conn.connect(sock)
+            head = b"POST /rpc HTTP/1.1\r\nHost: s\r\nContent-Type: application/json\r\n"
+        else:
+            conn = socket.create_connection(("127.0.0.1", rig.server.port))
+            head = (
+                b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Gitea-Event-Type: issues\r\n"
             )
+        with conn:
+            conn.sendall(head + b"Content-Length: 100000\r\n\r\n")
             conn.settimeout(0.1)
             while not stop.is_set():
                 try:
@@ -632,10 +638,18 @@ def test_abusive_clients_do_not_starve_others(
                 except OSError:
                     return
                 if answer:
-                    cut_off.append(answer.split(b" ")[1].decode())
+                    conn.settimeout(10)
+                    while b"\r\n\r\n" not in answer and (more := conn.recv(4096)):
+                        answer += more
+                    head, _, body = answer.partition(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    while len(body) < length and (more := conn.recv(4096)):
+                        body += more
+                    cut_off.append((target, head + b"\r\n\r\n" + body))
                 return
 
-    slow = [threading.Thread(target=slow_body, daemon=True) for _ in range(50)]
+    slow = [threading.Thread(target=slow_body, args=("webhook",), daemon=True) for _ in range(45)]
+    slow += [threading.Thread(target=slow_body, args=("sidecar",), daemon=True) for _ in range(5)]
     for thread in slow:
         thread.start()
 
@@ -688,9 +702,10 @@ def test_abusive_clients_do_not_starve_others(
     ]
     limited = sum(1 for c in codes if c.get("error", {}).get("code") == -32003)
     others.append(httpx.get(f"{rig.url}/healthz", timeout=10).status_code)
-    # The dribblers are cut off: a body must arrive within 10 s.
+    # The dribblers are cut off, at the webhook and at the sidecar: a body must arrive within 10 s.
     wait_until(lambda: len(cut_off) == len(slow), timeout=30, what="slow clients cut off")
-    slow_answers = list(cut_off)
+    slow_answers = [answer.split(b" ")[1].decode() for _, answer in cut_off]
+    sidecar_answers = [answer for target, answer in cut_off if target == "sidecar"]
     stop.set()
     for thread in slow:
         thread.join(timeout=5)
@@ -708,4 +723,8 @@ def test_abusive_clients_do_not_starve_others(
     assert flood_result == {"ok": 1000, "rpc_error": 0, "http_error": 0}
     assert limited == 10 and all(s == 200 for s in others) and len(others) >= 3
     assert slow_answers == ["408"] * len(slow)
+    # The agent's dribbled calls get a JSON-RPC error, and each is on its record.
+    assert len(sidecar_answers) == 5 and all(b'"code":-32600' in answer for answer in sidecar_answers)
+    cut = [o for o in rig.store.operations(state.slug) if "did not arrive" in o.detail]
+    assert len(cut) == 5 and all((o.op, o.outcome) == ("invalid", "error") for o in cut)
     rig.go(state.slug, 1)
