@@ -377,11 +377,14 @@ class ForgeTransport:
 
         ``headers`` go out as given (Host and framing included); failures raise httpx's
         exceptions, as its transports do."""
-        try:
-            async with asyncio.timeout(timeouts.get("pool")):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise httpx.PoolTimeout("every connection to the forge is busy") from None
+        if self._slots.locked():  # a timer only when there is something to wait for
+            try:
+                async with asyncio.timeout(timeouts.get("pool")):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise httpx.PoolTimeout("every connection to the forge is busy") from None
+        else:
+            await self._slots.acquire()
         try:
             for attempt in (1, 2):
                 connection = self._take(key) if attempt == 1 else None
@@ -391,14 +394,14 @@ class ForgeTransport:
                 try:
                     answer = await connection.exchange(method, target, headers, body, timeouts, self.max_body)
                 except _Stale:
-                    connection.close()
+                    connection.abort()
                     # A kept-alive connection the forge had closed: the request never reached
                     # it, so one fresh attempt is safe, for reads (as Go's client does).
                     if reused and method in ("GET", "HEAD"):
                         continue
                     raise httpx.RemoteProtocolError("the forge closed the connection") from None
                 except BaseException:
-                    connection.close()
+                    connection.abort()
                     raise
                 self._give_back(key, connection)
                 return answer
@@ -726,8 +729,9 @@ class _Connection:
         self.idle = False
         try:
             self.writer.write(data)
-            async with asyncio.timeout(timeouts.get("write")):
-                await self.writer.drain()
+            if self.writer.transport.get_write_buffer_size():  # a timer only if the kernel took less
+                async with asyncio.timeout(timeouts.get("write")):
+                    await self.writer.drain()
         except TimeoutError:
             raise httpx.WriteTimeout("sending to the forge timed out") from None
         except OSError:
@@ -752,6 +756,12 @@ class _Connection:
         if not self.closed:
             self.closed = True
             self.writer.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once: after a failed exchange, what it still buffers (a request
+        the forge stopped reading, say) would keep it open, waiting to be sent."""
+        self.closed = True
+        self.writer.transport.abort()
 
 
 def _proxy_configured() -> bool:

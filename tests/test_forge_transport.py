@@ -397,3 +397,23 @@ def test_waiting_for_a_busy_pool_times_out(silent_forge: tuple[Scripted, threadi
         await transport.aclose()
 
     run(go())
+
+
+def test_a_forge_that_stops_reading_times_the_write_out(scripted: Callable[..., Scripted]) -> None:
+    release = threading.Event()
+    server = scripted(lambda conn: release.wait(10))  # accepts, never reads
+    transport = ForgeTransport()
+    url = httpx.URL(f"{server.url}/repos/o/r/issues/1")
+    body = b"x" * (32 * 1024 * 1024)  # far past what the kernel buffers on loopback
+    headers = [(b"Host", url.netloc), (b"Content-Length", b"%d" % len(body))]
+
+    async def go() -> None:
+        timeouts = {"connect": 5.0, "read": 5.0, "write": 0.3, "pool": 5.0}
+        with pytest.raises(httpx.WriteTimeout):
+            await transport.send(origin(url), "PATCH", url.raw_path, headers, body, timeouts)
+        await transport.aclose()
+
+    try:
+        run(go())
+    finally:
+        release.set()
