@@ -827,7 +827,7 @@ class Service:
                 results = self.store.insert_events([event for event, _ in batch])
                 fresh = [event_id for event_id, new in results if new]
                 self._unsynced = min(fresh, default=None)
-                by = await self._wal.sync()
+                await self.sync_wal()
             except Exception as exc:  # the edge of intake: every waiter gets the failure, none hangs
                 # A failed sync (the disk, not the helper: a thread retried it) leaves the batch
                 # committed but unconfirmed: its senders hear of the failure, and the worker may
@@ -838,7 +838,6 @@ class Service:
                 continue
             finally:
                 self._unsynced = None
-            self.metrics.inc("forgebottle_wal_syncs_total", "Intake WAL syncs, by where they ran", by=by)
             # A batch rewrites about one page of the body index per event, plus its rows.
             self._unchecked += 2 + len(batch) + sum(len(event.body) for event, _ in batch) // 4096
             if self._unchecked > CHECKPOINT_PAGES and (self._checkpoint is None or self._checkpoint.done()):
@@ -847,6 +846,12 @@ class Service:
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
+
+    async def sync_wal(self) -> None:
+        """Return once every commit made so far is on disk: what ``synchronous=FULL`` promises,
+        without the event loop waiting on the disk (see WalSync). Raises OSError if it cannot."""
+        by = await self._wal.sync()
+        self.metrics.inc("forgebottle_wal_syncs_total", "WAL syncs, by where they ran", by=by)
 
     async def _checkpoint_wal(self) -> None:
         try:
@@ -1679,7 +1684,7 @@ class _Access:
     async def signal_done(self, status: str, summary: str) -> None:
         await self.service.signal_done(self.active, status, summary)
 
-    def record(
+    async def record(
         self, *, op: str, target: str, outcome: str, detail: str, duration_ms: float, code: int | None = None
     ) -> None:
         service = self.service
@@ -1694,14 +1699,22 @@ class _Access:
             outcome=outcome,
             detail=detail,
             duration_ms=duration_ms,
-            # What wrote, or tried to write, to the forge is fsync'd before the agent hears back;
-            # reads are crash-safe and reach the disk with the next durable commit.
-            durable=op in WRITES or op == "signal_done" or outcome != "ok",
+            durable=False,  # committed at NORMAL: crash-safe at once; synced below where promised
         )
         # The operation is on record (above) before the agent hears back; its log line and
         # metrics need not be. Done here they were ~45 µs of every sidecar call (formatting, a
         # write to stderr): queued instead, they run once the answer is on its way, in call order.
         asyncio.get_running_loop().call_soon(self._tell, op, outcome, detail, duration_ms, code)
+        if op in WRITES or op == "signal_done" or outcome != "ok":
+            # What wrote, or tried to write, to the forge is on disk before the agent hears back
+            # (reads reach it with the next sync). Synced by the WAL helper: the event loop, and
+            # every other bottle and webhook on it, does not wait on the disk meanwhile.
+            try:
+                await service.sync_wal()
+            except OSError as exc:
+                # The forge call has happened either way: the agent hears how it went, the
+                # operator that its record may not survive a power loss.
+                log.error("%s: the record of %s could not be synced: %s", self.slug, op, exc, extra={"slug": self.slug})
 
     def _tell(self, op: str, outcome: str, detail: str, duration_ms: float, code: int | None) -> None:
         metrics = self.service.metrics

@@ -101,9 +101,11 @@ class BottleAccess(Protocol):
 
     async def signal_done(self, status: str, summary: str) -> None: ...
 
-    def record(
+    async def record(
         self, *, op: str, target: str, outcome: str, detail: str, duration_ms: float, code: int | None = None
-    ) -> None: ...
+    ) -> None:
+        """Put the operation on the bottle's record; return once it is as durable as promised."""
+        ...
 
 
 def check_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -188,14 +190,16 @@ class Dispatcher:
         try:
             request = json.loads(raw)
         except (ValueError, RecursionError) as exc:
-            self._log("invalid", "", "error", f"rejected malformed request: parse error ({type(exc).__name__})", 0)
+            await self._log(
+                "invalid", "", "error", f"rejected malformed request: parse error ({type(exc).__name__})", 0
+            )
             return _error(None, RpcError(PARSE_ERROR, "parse error: the body is not JSON"))
         if isinstance(request, list):
             if not request:
-                self._log("invalid", "", "error", "rejected empty batch", 0)
+                await self._log("invalid", "", "error", "rejected empty batch", 0)
                 return _error(None, RpcError(INVALID_REQUEST, "empty batch"))
             if len(request) > MAX_BATCH:
-                self._log("invalid", "", "error", f"rejected batch of {len(request)} calls", 0)
+                await self._log("invalid", "", "error", f"rejected batch of {len(request)} calls", 0)
                 return _error(None, RpcError(INVALID_REQUEST, f"batch over {MAX_BATCH} calls"))
             answers = [await self.call(item) for item in request]
             present = [a for a in answers if a is not None]
@@ -205,11 +209,11 @@ class Dispatcher:
     async def call(self, obj: Any) -> dict[str, Any] | None:
         started = time.perf_counter()
         if not isinstance(obj, dict):
-            self._log("invalid", "", "error", "rejected invalid request: not an object", 0)
+            await self._log("invalid", "", "error", "rejected invalid request: not an object", 0)
             return _error(None, RpcError(INVALID_REQUEST, "a request must be a JSON object"))
         rid = obj.get("id")
         if "id" in obj and (isinstance(rid, bool) or not isinstance(rid, (str, int, type(None)))):
-            self._log("invalid", "", "error", "rejected invalid request: bad id", 0)
+            await self._log("invalid", "", "error", "rejected invalid request: bad id", 0)
             return _error(None, RpcError(INVALID_REQUEST, "id must be a string, a number or null"))
         notification = "id" not in obj
         method = obj.get("method")
@@ -238,7 +242,7 @@ class Dispatcher:
             detail = sentence(name, target, outcome, None, str(exc))
             if name == "invalid":
                 detail = f"rejected {str(method)[:64] if isinstance(method, str) else 'request'}: {exc}"
-            self._log(name, target, outcome, detail, _ms(started), code)
+            await self._log(name, target, outcome, detail, _ms(started), code)
             data = None
             if isinstance(exc, PushRefused):
                 data = {"findings": [dataclasses.asdict(f) for f in exc.findings]}
@@ -249,7 +253,7 @@ class Dispatcher:
             detail = sentence(method, target, "ok", result, f"{params['status']}: {params['summary'][:200]}")
         else:
             detail = sentence(method, target, "ok", result, "")
-        self._log(method, target, "ok", detail, _ms(started))
+        await self._log(method, target, "ok", detail, _ms(started))
         return None if notification else {"jsonrpc": "2.0", "id": rid, "result": result}
 
     async def invoke(self, method: str, params: dict[str, Any]) -> Any:
@@ -285,10 +289,12 @@ class Dispatcher:
             return {"acknowledged": True}
         raise RpcError(METHOD_NOT_FOUND, f"unknown method {method!r}")
 
-    def _log(
+    async def _log(
         self, op: str, target: str, outcome: str, detail: str, duration_ms: float, code: int | None = None
     ) -> None:
-        self.access.record(op=op, target=target, outcome=outcome, detail=detail, duration_ms=duration_ms, code=code)
+        await self.access.record(
+            op=op, target=target, outcome=outcome, detail=detail, duration_ms=duration_ms, code=code
+        )
 
 
 def _ms(started: float) -> float:
@@ -394,18 +400,18 @@ async def _receive_body(request: Request, limit: int) -> bytes | None:
 def sidecar_app(access: BottleAccess) -> Starlette:
     dispatcher = Dispatcher(access)
 
-    def rejected(detail: str, status: int, message: str) -> Response:
-        access.record(op="invalid", target="", outcome="error", detail=detail, duration_ms=0)
+    async def rejected(detail: str, status: int, message: str) -> Response:
+        await access.record(op="invalid", target="", outcome="error", detail=detail, duration_ms=0)
         return JSONResponse(_error(None, RpcError(INVALID_REQUEST, message)), status_code=status)
 
     async def rpc(request: Request) -> Response:
         try:
             raw = await read_bounded(request, MAX_REQUEST_BYTES, seconds=BODY_SECONDS)
         except BodyTooSlow as exc:
-            return rejected(f"rejected request: {exc}", BodyTooSlow.http_status, str(exc))
+            return await rejected(f"rejected request: {exc}", BodyTooSlow.http_status, str(exc))
         if raw is None:
             message = f"request over {MAX_REQUEST_BYTES} bytes"
-            return rejected(f"rejected {message}", 413, message)
+            return await rejected(f"rejected {message}", 413, message)
         answer = await dispatcher.handle_body(raw)
         if answer is None:
             return Response(status_code=204)

@@ -29,7 +29,7 @@ from devforge import ServerThread
 from forgebottle import Config, Service, create_app
 from gitea import Gitea, Secret
 from statemachine import BottleState
-from store import ForgeState, Store
+from store import ForgeState, Store, WalSync
 
 T = TypeVar("T")
 
@@ -165,9 +165,11 @@ class Rig:
         agent_env: dict[str, str] | None = None,
         network: Literal["none", "host"] = "none",
         agent_timeout: float | None = None,
+        wal_sync: Callable[[Path], WalSync] | None = None,
         **overrides: Any,
     ) -> None:
         self.forge = forge
+        self.wal_sync = wal_sync  # makes the service's WalSync from the WAL's path, when not the default
         self.state_dir = state_dir
         tools = state_dir / "tools"
         tools.mkdir(parents=True, exist_ok=True)
@@ -217,7 +219,8 @@ class Rig:
         self.config = self._config()
         app_store = Store(self.config.db_path)
         gitea = Gitea(self.config.api_url, self.config.token.reveal(), timeout=self.config.forge_timeout)
-        self.service = Service(self.config, app_store, gitea)
+        wal = self.wal_sync(app_store.wal_path) if self.wal_sync else None
+        self.service = Service(self.config, app_store, gitea, wal=wal)
         self.server.app = create_app(self.config, app_store, gitea, service=self.service)
         self.server.start()
         if hook:
