@@ -430,6 +430,20 @@ class ServeProcess:
         return self.proc.wait(timeout=60)
 
 
+def gated_wal_sync(gate: Path) -> list[str]:
+    """A WAL sync helper's command that answers each sync only once ``gate`` exists (it syncs
+    nothing: for tests of what waits for a sync)."""
+    return [
+        sys.executable,
+        "-c",
+        "import os, sys, time\n"
+        "while os.read(0, 1):\n"
+        "    while not os.path.exists(sys.argv[1]): time.sleep(0.01)\n"
+        "    os.write(1, b'k')\n",
+        str(gate),
+    ]
+
+
 def processes_mentioning(text: str) -> list[int]:
     """PIDs whose command line contains ``text``: how tests see that a process tree is gone."""
     found = []

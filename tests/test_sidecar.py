@@ -20,7 +20,7 @@ import pytest
 from bottles import git_env
 from statemachine import BottleState
 from store import ForgeState, WalSync
-from tests.conftest import Rig, needs_bwrap, wait_until
+from tests.conftest import Rig, gated_wal_sync, needs_bwrap, wait_until
 
 pytestmark = needs_bwrap
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,16 +226,7 @@ def test_a_write_is_answered_only_once_its_record_is_synced(running: Callable[..
     # its answer waits for the sync; the event loop does not wait with it: a read is answered.
     gate = tmp_path / "gate"
     gate.touch()
-    helper = [
-        sys.executable,
-        "-c",
-        "import os, sys, time\n"
-        "while os.read(0, 1):\n"
-        "    while not os.path.exists(sys.argv[1]): time.sleep(0.01)\n"
-        "    os.write(1, b'k')\n",
-        str(gate),
-    ]
-    sc = running(wal_sync=lambda wal: WalSync(wal, command=helper))
+    sc = running(wal_sync=lambda wal: WalSync(wal, command=gated_wal_sync(gate)))
     issue = sc.state.issue_number
     gate.unlink()
     answers: dict[str, Any] = {}

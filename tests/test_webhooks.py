@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlencode
@@ -19,7 +18,17 @@ from forgebottle import Config, Service
 from gitea import Gitea, Secret
 from statemachine import BottleState
 from store import Store, WalSync
-from tests.conftest import Rig, needs_bwrap, post_webhook, processes_mentioning, read_when, sign, until, wait_until
+from tests.conftest import (
+    Rig,
+    gated_wal_sync,
+    needs_bwrap,
+    post_webhook,
+    processes_mentioning,
+    read_when,
+    sign,
+    until,
+    wait_until,
+)
 
 pytestmark = needs_bwrap
 
@@ -371,17 +380,8 @@ def test_a_webhook_is_answered_and_acted_on_only_once_its_wal_is_synced(tmp_path
     # A helper that syncs once the test opens the gate: until then the event is committed (in the
     # database) but neither answered nor handed to the worker.
     gate = tmp_path / "gate"
-    helper = [
-        sys.executable,
-        "-c",
-        "import os, sys, time\n"
-        "while os.read(0, 1):\n"
-        "    while not os.path.exists(sys.argv[1]): time.sleep(0.01)\n"
-        "    os.write(1, b'k')\n",
-        str(gate),
-    ]
     store = Store(tmp_path / "bot-bottle.db")
-    wal = WalSync(store.wal_path, command=helper)
+    wal = WalSync(store.wal_path, command=gated_wal_sync(gate))
     service = intake_only(tmp_path, store, wal)
 
     async def go() -> None:
