@@ -524,6 +524,7 @@ class ResponseParser:
         self._size = 0
         self._remaining = 0
         self._trailer_bytes = 0
+        self._searched = 0  # how much of the buffer is known to hold no end of head
         self._step: Callable[[], bool] = self._head
 
     @property
@@ -552,13 +553,17 @@ class ResponseParser:
         return httpx.RemoteProtocolError(f"the forge broke HTTP: {what}")
 
     def _head(self) -> bool:
-        end = self._buffer.find(b"\r\n\r\n")
+        # Searched from where the last search stopped: a head dribbled a byte at a time is not
+        # scanned again from its start for every byte.
+        end = self._buffer.find(b"\r\n\r\n", max(0, self._searched - 3))
         if end < 0 or end > self._max_head:
             if len(self._buffer) > self._max_head:
                 raise self._broken(f"status line and headers over {self._max_head} bytes")
+            self._searched = len(self._buffer)
             return False
         lines = bytes(self._buffer[:end]).split(b"\r\n")
         del self._buffer[: end + 4]
+        self._searched = 0
         status_line = _STATUS_LINE.fullmatch(lines[0])
         if status_line is None:
             raise self._broken(f"bad status line {lines[0][:80]!r}")
@@ -666,11 +671,13 @@ class ResponseParser:
 
     def _trailer(self) -> bool:
         """Trailer fields after the last chunk, checked and dropped, up to the empty line."""
-        end = self._buffer.find(b"\r\n")
+        end = self._buffer.find(b"\r\n", max(0, self._searched - 1))
         if end < 0:
             if self._trailer_bytes + len(self._buffer) > self._max_head:
                 raise self._broken(f"trailers over {self._max_head} bytes")
+            self._searched = len(self._buffer)
             return False
+        self._searched = 0
         self._trailer_bytes += end + 2
         if self._trailer_bytes > self._max_head:
             raise self._broken(f"trailers over {self._max_head} bytes")

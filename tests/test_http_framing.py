@@ -125,7 +125,10 @@ def test_reads_every_well_formed_answer_as_h11_does(generated: Generated) -> Non
 
 
 def test_an_answer_in_one_piece_or_byte_by_byte_reads_the_same() -> None:
-    wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    wire = (
+        b"HTTP/1.1 200 OK\r\nX-A: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\nX-Other: 2\r\n\r\n"
+    )
     whole = ResponseParser("GET")
     assert whole.feed(wire)
     trickle = ResponseParser("GET")
