@@ -264,7 +264,10 @@ def test_restart_asks_a_command_launcher_to_stop_the_interrupted_run(
     store = Store(serve.state_dir / "bot-bottle.db")
     wait_until(lambda: status(store, forge, issue.number) is BottleState.RUNNING, what="the command bottle to run")
     state = store.get(forge.owner, forge.repo, issue.number)
-    assert state is not None and (launcher.parent / "launcher-start").read_text().strip() == state.slug
+    # The launcher may still be writing its note when the bottle is recorded running.
+    started = launcher.parent / "launcher-start"
+    said = wait_until(lambda: started.exists() and started.read_text().strip(), what="the launcher's start")
+    assert state is not None and said == state.slug
     serve.kill9()
     assert processes_mentioning(str(launcher)), "the launcher's run outlives forgebottle, as a VM would"
     serve.start()
