@@ -112,9 +112,11 @@ MAX_WEBHOOK_BYTES = 1024 * 1024
 WEBHOOK_BODY_SECONDS = 10.0
 MAX_PROMPT_BYTES = 96 * 1024  # one argv element may hold 128 KiB
 MAX_PROMPT_PART = 32 * 1024
-# Intake's connection never checkpoints in a commit (it would fsync twice on the event loop):
-# the service checkpoints in a thread after about as many pages as SQLite would (its default).
+# No commit on the event loop checkpoints (it would copy and fsync twice there): the service
+# checkpoints in a thread, after about as many intake pages as SQLite would (its default), and
+# once a second when anything else was written.
 CHECKPOINT_PAGES = 1000
+CHECKPOINT_SECONDS = 1.0
 INTAKE_QUIET = 0.02  # the worker waits until no webhook arrived for this long...
 MAX_DEFERRAL = 2.0  # ...but never longer than this before it decides the next event
 
@@ -728,9 +730,11 @@ class Service:
             self.config.api_url,
             self.config.org,
         )
+        self.store.defer_checkpoints()
         self._tasks = [
             asyncio.create_task(self._worker(), name="webhook-worker"),
             asyncio.create_task(self._watchdog(), name="watchdog"),
+            asyncio.create_task(self._checkpoints(), name="wal-checkpoints"),
         ]
         await self.schedule()
 
@@ -852,6 +856,17 @@ class Service:
         without the event loop waiting on the disk (see WalSync). Raises OSError if it cannot."""
         by = await self._wal.sync()
         self.metrics.inc("forgebottle_wal_syncs_total", "WAL syncs, by where they ran", by=by)
+
+    async def _checkpoints(self) -> None:
+        """Sidecar records and the worker's commits reach the database file this way: their
+        connection leaves checkpoints to the service (Store.defer_checkpoints)."""
+        seen = self.store.changes
+        while True:
+            await asyncio.sleep(CHECKPOINT_SECONDS)
+            changes = self.store.changes
+            if changes != seen and (self._checkpoint is None or self._checkpoint.done()):
+                seen = changes
+                self._checkpoint = asyncio.create_task(self._checkpoint_wal(), name="wal-checkpoint")
 
     async def _checkpoint_wal(self) -> None:
         try:

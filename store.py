@@ -768,6 +768,19 @@ class Store:
                     results.append((int(existing[0]), False))
         return results
 
+    def defer_checkpoints(self) -> None:
+        """Stop the main connection checkpointing inside its commits (SQLite's default, about
+        every 1,000 WAL pages: a copy and two fsyncs in whatever commits, on the event loop in
+        ``serve``). Whoever calls this checkpoints instead: :meth:`checkpoint`, in a thread."""
+        with self._lock, self._writing:
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
+
+    @property
+    def changes(self) -> int:
+        """Rows changed through this store so far: a cheap sign that the WAL has grown."""
+        with self._lock:
+            return self._db.total_changes + (self._intake.total_changes if self._intake is not None else 0)
+
     def checkpoint(self) -> None:
         """Copy committed WAL frames into the database (PASSIVE: it waits for no reader or
         writer). Blocking: the service runs it in a thread, on a connection of its own."""

@@ -7,11 +7,13 @@ webhooks from devforge, the sidecar socket) and read the SQLite file it writes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -428,6 +430,19 @@ class ServeProcess:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=60)
+
+
+def checkpointed_rows(database: Path, copy: Path, count: str) -> int:
+    """``count`` (a ``SELECT count(*)``) run on a copy of the database file alone, without its
+    WAL: what checkpoints have copied into the file."""
+    copy.write_bytes(database.read_bytes())
+    with contextlib.closing(sqlite3.connect(copy)) as db:
+        try:
+            return int(db.execute(count).fetchone()[0])
+        except sqlite3.OperationalError as exc:  # not even the table is in the file yet
+            if "no such table" not in str(exc):  # anything else is the test's own error
+                raise
+            return 0
 
 
 def gated_wal_sync(gate: Path) -> list[str]:

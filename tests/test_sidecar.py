@@ -20,7 +20,7 @@ import pytest
 from bottles import git_env
 from statemachine import BottleState
 from store import ForgeState, WalSync
-from tests.conftest import Rig, gated_wal_sync, needs_bwrap, wait_until
+from tests.conftest import Rig, checkpointed_rows, gated_wal_sync, needs_bwrap, wait_until
 
 pytestmark = needs_bwrap
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,6 +259,22 @@ def test_a_write_whose_record_cannot_be_synced_is_still_answered(
         assert set(sc.ok("post_comment", number=issue, body="posted")) == {"id", "html_url"}
     assert f"posted comment to #{issue}" in [d for _, _, d in sc.ops()]
     assert any("could not be synced" in r.getMessage() for r in caplog.records)
+
+
+def test_the_service_checkpoints_what_its_commits_leave_in_the_wal(
+    running: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    # serve's commits never checkpoint (the event loop would copy and fsync): the service does,
+    # in a thread, once a second after writes. The records reach the database file that way.
+    sc = running()
+    for _ in range(5):
+        sc.ok("whoami")
+    recorded = len(sc.ops())
+    count = f"SELECT count(*) FROM operations WHERE slug = '{sc.state.slug}'"
+    copy = tmp_path / "copy.db"
+    wait_until(
+        lambda: checkpointed_rows(sc.rig.config.db_path, copy, count) >= recorded, what="a checkpoint of the records"
+    )
 
 
 def test_rate_limit(running: Callable[..., Sidecar]) -> None:

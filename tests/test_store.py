@@ -9,6 +9,7 @@ import pytest
 
 from statemachine import Bottle, BottleState, Trigger, fire
 from store import MIGRATIONS, ForgeState, NewEvent, Operation, Store, StoreError, chain_hash, genesis
+from tests.conftest import checkpointed_rows
 
 
 def state(owner: str = "acme", repo: str = "widgets", issue: int = 17, **kw: object) -> ForgeState:
@@ -138,10 +139,7 @@ def test_pending_events_before_an_id_leave_out_that_event_and_later_ones(store: 
 
 def checkpointed_inbox(store: Store, tmp_path: Path) -> int:
     """Inbox rows in the database file alone: what checkpoints copied there from the WAL."""
-    copy = tmp_path / "copy.db"
-    copy.write_bytes(store.path.read_bytes())
-    with contextlib.closing(sqlite3.connect(copy)) as db:
-        return int(db.execute("SELECT count(*) FROM inbox").fetchone()[0])
+    return checkpointed_rows(store.path, tmp_path / "copy.db", "SELECT count(*) FROM inbox")
 
 
 def test_intake_never_checkpoints_in_a_commit_but_checkpoint_does(store: Store, tmp_path: Path) -> None:
@@ -155,6 +153,18 @@ def test_intake_never_checkpoints_in_a_commit_but_checkpoint_does(store: Store, 
     assert checkpointed_inbox(store, tmp_path) == 0
     store.checkpoint()
     assert checkpointed_inbox(store, tmp_path) == 1500
+
+
+def test_a_store_that_defers_checkpoints_never_checkpoints_in_a_commit(store: Store, tmp_path: Path) -> None:
+    store.checkpoint()  # the schema, into the database file
+    store.defer_checkpoints()
+    for n in range(1200):  # a transaction each: well past SQLite's default of 1,000 pages
+        store.upsert(state(issue=n, issue_url="x" * 2000))
+    assert store.wal_path.stat().st_size // 4096 > 1000
+    count = "SELECT count(*) FROM forge_state"
+    assert checkpointed_rows(store.path, tmp_path / "copy.db", count) == 0
+    store.checkpoint()
+    assert checkpointed_rows(store.path, tmp_path / "copy.db", count) == 1200
 
 
 def test_a_failed_batch_stores_nothing_and_frees_the_store(store: Store) -> None:
