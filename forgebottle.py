@@ -699,6 +699,7 @@ class Service:
         self._unsynced: int | None = None  # the first new event of a batch committed, not yet synced
         self._unchecked = 0  # about how many pages intake wrote to the WAL since its last checkpoint
         self._checkpoint: asyncio.Task[None] | None = None
+        self._checkpointed_at = float("-inf")  # loop time the last checkpoint started
         self._last_intake = 0.0
         self._ahead: dict[tuple[str, str, int], CloneAhead] = {}
         self.secrets = config.secrets()
@@ -844,9 +845,8 @@ class Service:
                 self._unsynced = None
             # A batch rewrites about one page of the body index per event, plus its rows.
             self._unchecked += 2 + len(batch) + sum(len(event.body) for event, _ in batch) // 4096
-            if self._unchecked > CHECKPOINT_PAGES and (self._checkpoint is None or self._checkpoint.done()):
+            if self._unchecked > CHECKPOINT_PAGES and self._checkpoint_wal_soon():
                 self._unchecked = 0
-                self._checkpoint = asyncio.create_task(self._checkpoint_wal(), name="wal-checkpoint")
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
@@ -861,12 +861,22 @@ class Service:
         """Sidecar records and the worker's commits reach the database file this way: their
         connection leaves checkpoints to the service (Store.defer_checkpoints)."""
         seen = self.store.changes
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(CHECKPOINT_SECONDS)
             changes = self.store.changes
-            if changes != seen and (self._checkpoint is None or self._checkpoint.done()):
+            # Under a webhook burst intake's own trigger checkpoints about as often: no second one.
+            recent = loop.time() - self._checkpointed_at < CHECKPOINT_SECONDS
+            if changes != seen and not recent and self._checkpoint_wal_soon():
                 seen = changes
-                self._checkpoint = asyncio.create_task(self._checkpoint_wal(), name="wal-checkpoint")
+
+    def _checkpoint_wal_soon(self) -> bool:
+        """Start a checkpoint in a thread unless one is running; whether one was started."""
+        if self._checkpoint is not None and not self._checkpoint.done():
+            return False
+        self._checkpointed_at = asyncio.get_running_loop().time()
+        self._checkpoint = asyncio.create_task(self._checkpoint_wal(), name="wal-checkpoint")
+        return True
 
     async def _checkpoint_wal(self) -> None:
         try:
