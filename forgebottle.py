@@ -1724,8 +1724,7 @@ class _Access:
             outcome=outcome,
             detail=detail,
             duration_ms=duration_ms,
-            durable=False,  # committed at NORMAL: crash-safe at once; synced below where promised
-        )
+        )  # committed at NORMAL: crash-safe at once; synced below where promised
         # The operation is on record (above) before the agent hears back; its log line and
         # metrics need not be. Done here they were ~45 µs of every sidecar call (formatting, a
         # write to stderr): queued instead, they run once the answer is on its way, in call order.

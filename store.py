@@ -1,8 +1,9 @@
 """SQLite store: bottle state, webhook inbox, runs, the operation log, transitions, prompts.
 
-WAL; webhooks are on disk before they are answered (``insert_events``, then the WAL synced, by
-``WalSync`` in the service), and so are the writes asked for as ``durable``, the rest are
-committed with ``synchronous=NORMAL`` (see ``Store.transaction``); the schema is
+WAL; commits are at ``synchronous=NORMAL`` unless a transaction asks to be ``durable`` (see
+``Store.transaction``), and what must be on disk before it is answered (webhooks, the records of
+the sidecar's writes) is made so by syncing the WAL afterwards (``WalSync`` in the service,
+FULL's guarantee without the event loop waiting on the disk); the schema is
 versioned with ``PRAGMA user_version`` and migrated forward on open. Every write that must be
 atomic runs in one ``BEGIN IMMEDIATE`` transaction.
 """
@@ -731,7 +732,8 @@ class Store:
         before that (``pending_events(before=...)`` keeps the worker off them). Intake commits
         here, on the event loop, and syncs in a helper process. This connection never
         checkpoints as part of a commit, which would stall the loop on two fsyncs; whoever
-        inserts runs ``checkpoint`` elsewhere (the main connection also checkpoints on its own).
+        inserts runs ``checkpoint`` elsewhere (as for the main connection after
+        ``defer_checkpoints``).
         """
         with self._writing:
             if self._intake is None:
@@ -901,9 +903,11 @@ class Store:
         outcome: str,
         detail: str,
         duration_ms: float,
-        durable: bool = True,
     ) -> Operation:
-        with self.transaction(durable=durable) as db:
+        """Append one operation to ``slug``'s chain, committed at NORMAL: it survives a crash of
+        this process at once; the caller syncs the WAL where it promises more (the service does,
+        for writes and denials, before the agent hears back)."""
+        with self.transaction() as db:
             row = db.execute("SELECT chain_head, op_count FROM forge_state WHERE slug = ?", (slug,)).fetchone()
             if row is None:
                 raise StoreError(f"no bottle {slug!r}")
