@@ -26,11 +26,13 @@ import signal
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from gitea import Secret, basic_auth_header, branch_for
+from config import AgentSpec, BottleSpec, Secret, system_binds
+from gitea import basic_auth_header, branch_for
 from statemachine import ForgeBottleError
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -46,30 +48,6 @@ IN_FORGE_DIR = "/run/forge"
 IN_TOOLS = "/opt/forgebottle/bin"
 IN_HOME = "/home/agent"
 IN_OUTBOX = "/run/outbox"
-
-# What of the host a bottle sees, read-only. Never "/": that would show the token file and
-# the state dir. /etc only by entry, so that a secret kept under /etc stays out.
-SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-ETC_ENTRIES = (
-    "alternatives",
-    "ca-certificates",
-    "ssl",
-    "ld.so.cache",
-    "ld.so.conf",
-    "ld.so.conf.d",
-    "localtime",
-    "passwd",
-    "group",
-    "nsswitch.conf",
-    "hosts",
-    "host.conf",
-    "resolv.conf",
-    "gitconfig",
-    "mime.types",
-    "protocols",
-    "services",
-    "os-release",
-)
 
 
 class BottleError(ForgeBottleError):
@@ -92,32 +70,6 @@ class PushRefused(BottleError):
 
 class PushFailed(BottleError):
     rpc_code = -32002
-
-
-@dataclasses.dataclass(frozen=True)
-class AgentSpec:
-    """``[agents.<name>]`` of the config."""
-
-    name: str
-    command: tuple[str, ...]
-    resume_command: tuple[str, ...]
-    network: Literal["none", "host"] = "none"
-    env: tuple[tuple[str, Secret], ...] = ()
-    timeout: float | None = None
-    ro_binds: tuple[str, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class BottleSpec:
-    """``[bottles.<name>]``: how an agent is contained. ``local`` is built in."""
-
-    name: str = "local"
-    backend: Literal["local", "command"] = "local"
-    sandbox: Literal["bwrap", "none"] = "bwrap"
-    start: tuple[str, ...] = ()
-    resume: tuple[str, ...] = ()
-    stop: tuple[str, ...] = ()
-    destroy: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,34 +181,6 @@ class PushResult:
 
 
 # -- the sandbox ------------------------------------------------------------------------
-
-
-def system_binds() -> list[tuple[str, str]]:
-    """(kind, path) for what the sandbox shows of the host: symlinks kept as symlinks."""
-    binds: list[tuple[str, str]] = []
-    for path in SYSTEM_DIRS:
-        if os.path.islink(path):
-            binds.append(("symlink", path))
-        elif os.path.isdir(path):
-            binds.append(("ro-bind", path))
-    for entry in ETC_ENTRIES:
-        path = f"/etc/{entry}"
-        if os.path.lexists(path):
-            binds.append(("ro-bind", path))
-    return binds
-
-
-def exposed(path: Path, extra: Sequence[str] = ()) -> str | None:
-    """The bound host path under which ``path`` would be visible in a bottle, if any."""
-    target = Path(os.path.realpath(path))
-    for kind, bound in system_binds():
-        if kind == "ro-bind" and (target == Path(bound) or Path(bound) in target.parents):
-            return bound
-    for bound in extra:
-        real = Path(os.path.realpath(bound))
-        if target == real or real in target.parents:
-            return bound
-    return None
 
 
 def bwrap_argv(
@@ -413,11 +337,12 @@ async def clone_workspace(dest: Path, *, clone_url: str, branch: str, git_user: 
 class RunHandle:
     """A running agent: its own process group (session), so the whole tree can be signalled."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, drain: asyncio.Task[None] | None = None) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
+        self.last_output = 0.0  # monotonic time of the agent's last output: activity for the watchdog
         # Copies the agent's output to its run log; may outlive the agent if an unsandboxed
         # child keeps the pipe open, so wait() does not wait for it.
-        self.drain = drain
+        self.drain: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int:
@@ -454,10 +379,12 @@ async def spawn(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path | None
         start_new_session=True,
     )
     assert proc.stdout is not None
-    return RunHandle(proc, asyncio.create_task(drain_to(proc.stdout, log, MAX_RUN_LOG), name=f"log:{log}"))
+    handle = RunHandle(proc)
+    handle.drain = asyncio.create_task(drain_to(proc.stdout, log, MAX_RUN_LOG, handle), name=f"log:{log}")
+    return handle
 
 
-async def drain_to(stream: asyncio.StreamReader, log: Path, limit: int) -> None:
+async def drain_to(stream: asyncio.StreamReader, log: Path, limit: int, handle: RunHandle | None = None) -> None:
     """Copy ``stream`` into ``log`` up to ``limit`` bytes, then keep reading and discard.
 
     An agent's output is input too: bounded, so a chatty or hostile agent cannot fill the disk,
@@ -466,6 +393,8 @@ async def drain_to(stream: asyncio.StreamReader, log: Path, limit: int) -> None:
     written = 0
     with open(log, "ab") as out:
         while chunk := await stream.read(64 * 1024):
+            if handle is not None:
+                handle.last_output = time.monotonic()
             if written >= limit:
                 continue
             part = chunk[: limit - written]
@@ -810,3 +739,20 @@ class CommandBackend(Backend):
 
 
 BACKENDS: dict[str, type[Backend]] = {"local": LocalBackend, "command": CommandBackend}
+
+
+def scan_text(text: str, forbidden: Sequence[str], *, where: str) -> list[Finding]:
+    """Secrets in a text an agent is about to write to the forge (a comment, a description)."""
+    from detect_secrets.core.secrets_collection import SecretsCollection
+    from detect_secrets.settings import default_settings
+
+    findings = [
+        Finding(where, text[: text.index(s)].count("\n") + 1, "forge credential") for s in forbidden if s and s in text
+    ]
+    with tempfile.TemporaryDirectory(prefix="forgebottle-scan-") as tmp, default_settings():
+        local = Path(tmp) / "text"
+        local.write_text(text)
+        collection = SecretsCollection(root=tmp)
+        collection.scan_file(str(local))
+        findings += [Finding(where, int(f.line_number), str(f.type)) for f in collection.data.get(str(local), set())]
+    return findings

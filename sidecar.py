@@ -2,31 +2,38 @@
 
 The socket identifies the bottle, so a request carries no credential. Every call, allowed,
 denied or malformed, becomes one operation in the bottle's hash-chained log, as a sentence.
+
+What an agent is told is ours alone: forge and git errors reach it as fixed sentences (their
+text goes to the operator's log), and every answer passes through the one redaction of every
+forgebottle secret on its way out (``answer``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
-import os
-import socket
 import time
-import weakref
-from pathlib import Path
 from typing import Any, Protocol
 
-import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
 
-from bottles import PushRefused, PushResult
-from gitea import MAX_TEXT_BYTES, OutOfScope, PullRequest, ScopedForge
+from bottles import BottleError, PushRefused, PushResult
+from gitea import (
+    MAX_TEXT_BYTES,
+    ForgeAuthError,
+    ForgeConflict,
+    ForgeError,
+    ForgeNotFound,
+    ForgeUnavailable,
+    OutOfScope,
+    PullRequest,
+    ScopedForge,
+)
+from serving import BodyTooSlow, read_bounded
 from statemachine import ForgeBottleError
 
 log = logging.getLogger("forgebottle.sidecar")
@@ -35,8 +42,13 @@ MAX_REQUEST_BYTES = 1024 * 1024
 MAX_BATCH = 100
 MAX_TITLE_BYTES = 1024
 MAX_SUMMARY_BYTES = 16 * 1024
+# An agent's call is at most MAX_REQUEST_BYTES over a local socket: 10 s is generous, and a
+# dribbling client holds its connection no longer than that.
+BODY_SECONDS = 10.0
 WRITES = frozenset({"post_comment", "update_description", "push", "open_pr"})
 DONE_STATUSES = ("success", "failure", "blocked")
+# Texts an agent writes to the forge, by method: scanned for secrets like a push.
+WRITTEN_TEXT = {"post_comment": ("body",), "update_description": ("body",), "open_pr": ("title", "body")}
 
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL = -32700, -32600, -32601, -32602, -32603
 
@@ -56,6 +68,9 @@ class RateLimited(ForgeBottleError):
 
 class NotRunning(ForgeBottleError):
     rpc_code = -32004
+
+
+DENIALS = (OutOfScope, RateLimited, NotRunning, PushRefused)
 
 
 # name -> (type, required, max bytes for strings)
@@ -91,9 +106,18 @@ class BottleAccess(Protocol):
 
     def default_branch(self) -> str: ...
 
-    def writes_in_last_hour(self) -> int: ...
+    def writes_in_last_hour(self) -> int:
+        """Writes attempted in the last hour: those that reached the forge or git, failed pushes
+        included."""
+        ...
 
     def write_limit(self) -> int: ...
+
+    def check_text(self, text: str, where: str) -> None:
+        """Raise PushRefused if ``text``, about to be written to the forge, holds a secret."""
+        ...
+
+    def redact(self, text: str) -> str: ...
 
     async def push(self) -> PushResult: ...
 
@@ -102,9 +126,18 @@ class BottleAccess(Protocol):
     async def signal_done(self, status: str, summary: str) -> None: ...
 
     async def record(
-        self, *, op: str, target: str, outcome: str, detail: str, duration_ms: float, code: int | None = None
+        self,
+        *,
+        op: str,
+        target: str,
+        outcome: str,
+        detail: str,
+        duration_ms: float,
+        code: int | None = None,
+        failure: str = "",
     ) -> None:
-        """Put the operation on the bottle's record; return once it is as durable as promised."""
+        """Put the operation on the bottle's record (``failure``: the operator's detail of an
+        error, for the log only); return once it is as durable as promised."""
         ...
 
 
@@ -128,7 +161,7 @@ def check_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
         else:
             if not isinstance(value, str):
                 raise RpcError(INVALID_PARAMS, f"param {name!r} must be a string")
-            size = len(value.encode(errors="surrogatepass"))
+            size = len(value.encode())
             if size > limit:
                 raise RpcError(INVALID_PARAMS, f"param {name!r} is {size} bytes, over the limit of {limit}")
     if method == "signal_done" and params["status"] not in DONE_STATUSES:
@@ -138,12 +171,52 @@ def check_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+def valid_unicode(value: Any) -> bool:
+    """False if any string in ``value`` (keys included) cannot be UTF-8: JSON's ``\\ud800``
+    escapes decode to lone surrogates, which neither SQLite nor a hash will take."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
 def target_of(method: str, params: dict[str, Any], branch: str) -> str:
     if "number" in params and isinstance(params["number"], int) and not isinstance(params["number"], bool):
         return f"#{params['number']}"
     if method in ("push", "open_pr"):
         return branch
     return ""
+
+
+def told_agent(exc: ForgeBottleError) -> str:
+    """What an agent hears of an error: never the forge's or git's own text."""
+    if isinstance(exc, ForgeNotFound):
+        return "not found on the forge"
+    if isinstance(exc, ForgeAuthError):
+        return "the forge refused forgebottle's request (permission)"
+    if isinstance(exc, ForgeConflict):
+        return "the forge reported a conflict"
+    if isinstance(exc, ForgeUnavailable):
+        return "the forge is unavailable; try again later"
+    if isinstance(exc, ForgeError):
+        return f"the forge refused the request (HTTP {exc.status})" if exc.status else "the forge refused the request"
+    return str(exc)  # our own errors say only what we chose to say
+
+
+def operator_detail(exc: ForgeBottleError) -> str:
+    """What the operator's log gets of an error (redacted by the caller)."""
+    detail = getattr(exc, "detail", "")
+    return str(detail) if detail else str(exc)
 
 
 _NOUNS = {
@@ -180,26 +253,30 @@ def sentence(method: str, target: str, outcome: str, result: Any, error: str) ->
 
 
 class Dispatcher:
-    """JSON-RPC for one bottle: validate, check scope and limits, call, log."""
+    """JSON-RPC for one bottle: validate, check scope and limits, call, record."""
 
     def __init__(self, access: BottleAccess) -> None:
         self.access = access
+        # Writes allowed but not yet on the record: counted against the limit, so concurrent
+        # calls cannot all pass the check before any of them is recorded.
+        self.reserved = 0
 
     async def handle_body(self, raw: bytes) -> Any:
         """The response document for a request body, or None when nothing is owed (notifications)."""
         try:
             request = json.loads(raw)
         except (ValueError, RecursionError) as exc:
-            await self._log(
-                "invalid", "", "error", f"rejected malformed request: parse error ({type(exc).__name__})", 0
-            )
+            await self._log("invalid", "", "error", f"rejected malformed request: parse error ({type(exc).__name__})")
             return _error(None, RpcError(PARSE_ERROR, "parse error: the body is not JSON"))
+        if not valid_unicode(request):
+            await self._log("invalid", "", "error", "rejected request: invalid Unicode (a lone surrogate)")
+            return _error(None, RpcError(INVALID_PARAMS, "invalid Unicode in the request (a lone surrogate)"))
         if isinstance(request, list):
             if not request:
-                await self._log("invalid", "", "error", "rejected empty batch", 0)
+                await self._log("invalid", "", "error", "rejected empty batch")
                 return _error(None, RpcError(INVALID_REQUEST, "empty batch"))
             if len(request) > MAX_BATCH:
-                await self._log("invalid", "", "error", f"rejected batch of {len(request)} calls", 0)
+                await self._log("invalid", "", "error", f"rejected batch of {len(request)} calls")
                 return _error(None, RpcError(INVALID_REQUEST, f"batch over {MAX_BATCH} calls"))
             answers = [await self.call(item) for item in request]
             present = [a for a in answers if a is not None]
@@ -209,17 +286,18 @@ class Dispatcher:
     async def call(self, obj: Any) -> dict[str, Any] | None:
         started = time.perf_counter()
         if not isinstance(obj, dict):
-            await self._log("invalid", "", "error", "rejected invalid request: not an object", 0)
+            await self._log("invalid", "", "error", "rejected invalid request: not an object")
             return _error(None, RpcError(INVALID_REQUEST, "a request must be a JSON object"))
         rid = obj.get("id")
         if "id" in obj and (isinstance(rid, bool) or not isinstance(rid, (str, int, type(None)))):
-            await self._log("invalid", "", "error", "rejected invalid request: bad id", 0)
+            await self._log("invalid", "", "error", "rejected invalid request: bad id")
             return _error(None, RpcError(INVALID_REQUEST, "id must be a string, a number or null"))
         notification = "id" not in obj
         method = obj.get("method")
         params: Any = obj.get("params", {})
         name = method if isinstance(method, str) and method in METHODS else "invalid"
         target = ""
+        reserved = False
         try:
             if obj.get("jsonrpc") != "2.0":
                 raise RpcError(INVALID_REQUEST, 'jsonrpc must be "2.0"')
@@ -233,31 +311,46 @@ class Dispatcher:
             check_params(method, params)
             if not self.access.is_running():
                 raise NotRunning("bottle is not running")
-            if method in WRITES and self.access.writes_in_last_hour() >= self.access.write_limit():
-                raise RateLimited(f"rate limited ({self.access.write_limit()} writes/hour)")
+            if method in WRITES:
+                limit = self.access.write_limit()
+                if self.access.writes_in_last_hour() + self.reserved >= limit:
+                    raise RateLimited(f"rate limited ({limit} writes/hour)")
+                self.reserved += 1
+                reserved = True
             result = await self.invoke(method, params)
         except ForgeBottleError as exc:
             code = exc.code if isinstance(exc, RpcError) else exc.rpc_code
-            outcome = "denied" if isinstance(exc, (OutOfScope, RateLimited, NotRunning, PushRefused)) else "error"
-            detail = sentence(name, target, outcome, None, str(exc))
+            outcome = "denied" if isinstance(exc, DENIALS) else "error"
+            message = told_agent(exc)
+            detail = sentence(name, target, outcome, None, message)
             if name == "invalid":
-                detail = f"rejected {str(method)[:64] if isinstance(method, str) else 'request'}: {exc}"
-            await self._log(name, target, outcome, detail, _ms(started), code)
+                detail = f"rejected {str(method)[:64] if isinstance(method, str) else 'request'}: {message}"
+            failure = operator_detail(exc) if isinstance(exc, (ForgeError, BottleError)) else ""
+            try:
+                await self._log(name, target, outcome, detail, _ms(started), code, failure)
+            finally:
+                self.reserved -= reserved
             data = None
             if isinstance(exc, PushRefused):
                 data = {"findings": [dataclasses.asdict(f) for f in exc.findings]}
             elif isinstance(exc, RpcError):
                 data = exc.data
-            return None if notification else _error(rid, RpcError(code, str(exc), data))
+            return None if notification else _error(rid, RpcError(code, message, data))
         if method == "signal_done":
             detail = sentence(method, target, "ok", result, f"{params['status']}: {params['summary'][:200]}")
         else:
             detail = sentence(method, target, "ok", result, "")
-        await self._log(method, target, "ok", detail, _ms(started))
+        try:
+            await self._log(method, target, "ok", detail, _ms(started))
+        finally:
+            self.reserved -= reserved
         return None if notification else {"jsonrpc": "2.0", "id": rid, "result": result}
 
     async def invoke(self, method: str, params: dict[str, Any]) -> Any:
         scoped = self.access.scoped()
+        for field in WRITTEN_TEXT.get(method, ()):
+            if field in params:
+                self.access.check_text(params[field], f"{method} {field}")
         if method == "whoami":
             return self.access.whoami()
         if method == "read_issue":
@@ -276,11 +369,12 @@ class Dispatcher:
             pushed = await self.access.push()
             return {"branch": pushed.branch, "sha": pushed.sha}
         if method == "open_pr":
+            default = self.access.default_branch()
+            base = params.get("base") or default
+            if base != default:
+                raise OutOfScope(f"pull request into {base}: out of scope (base: {default})")
             pr = await scoped.open_pr(
-                title=params["title"],
-                body=params.get("body", ""),
-                base=params.get("base") or self.access.default_branch(),
-                head=params.get("head"),
+                title=params["title"], body=params.get("body", ""), base=base, head=params.get("head")
             )
             await self.access.pr_opened(pr)
             return {"number": pr.number, "html_url": pr.html_url}
@@ -290,10 +384,17 @@ class Dispatcher:
         raise RpcError(METHOD_NOT_FOUND, f"unknown method {method!r}")
 
     async def _log(
-        self, op: str, target: str, outcome: str, detail: str, duration_ms: float, code: int | None = None
+        self,
+        op: str,
+        target: str,
+        outcome: str,
+        detail: str,
+        duration_ms: float = 0.0,
+        code: int | None = None,
+        failure: str = "",
     ) -> None:
         await self.access.record(
-            op=op, target=target, outcome=outcome, detail=detail, duration_ms=duration_ms, code=code
+            op=op, target=target, outcome=outcome, detail=detail, duration_ms=duration_ms, code=code, failure=failure
         )
 
 
@@ -308,101 +409,12 @@ def _error(rid: Any, exc: RpcError) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": rid, "error": error}
 
 
-class BodyTooSlow(ForgeBottleError):
-    """The client did not send its body in time (a slowloris, or a dead peer)."""
-
-    http_status = 408
-
-
-BODY_TICK = 0.25
-# An agent's call is at most MAX_REQUEST_BYTES over a local socket: 10 s is generous, and a
-# dribbling client holds its connection no longer than that.
-BODY_SECONDS = 10.0
-
-
-class _Deadlines:
-    """Body deadlines of one event loop, checked every BODY_TICK by one timer.
-
-    What ``asyncio.timeout(seconds)`` does, without a timer per request: under a webhook burst
-    each timer was a heap push and, once cancelled, a dead handle for the loop to sift out
-    (about 10 µs of every webhook in the profile). A deadline here fires up to BODY_TICK late.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.pending: dict[asyncio.Timeout, float] = {}
-        self.ticking = False
-
-    def add(self, timeout: asyncio.Timeout, seconds: float) -> None:
-        self.pending[timeout] = self.loop.time() + seconds
-        if not self.ticking:
-            self.ticking = True
-            self.loop.call_later(BODY_TICK, self.tick)
-
-    def tick(self) -> None:
-        now = self.loop.time()
-        for timeout, when in list(self.pending.items()):
-            if when <= now:
-                del self.pending[timeout]
-                timeout.reschedule(now)  # expires it now: the reader gets TimeoutError
-        self.ticking = bool(self.pending)
-        if self.ticking:
-            self.loop.call_later(BODY_TICK, self.tick)
-
-
-_DEADLINES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Deadlines] = weakref.WeakKeyDictionary()
-
-
-async def read_bounded(request: Request, limit: int, *, seconds: float = 30.0) -> bytes | None:
-    """The body, or None once it passes ``limit`` bytes (read no further).
-
-    Raises BodyTooSlow when the whole body has not arrived within ``seconds`` (give or take
-    BODY_TICK).
-    """
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        return None
-    loop = asyncio.get_running_loop()
-    deadlines = _DEADLINES.get(loop)
-    if deadlines is None:
-        deadlines = _DEADLINES[loop] = _Deadlines(loop)
-    timeout = asyncio.timeout(None)
-    try:
-        async with timeout:
-            deadlines.add(timeout, seconds)
-            try:
-                return await _receive_body(request, limit)
-            finally:
-                deadlines.pending.pop(timeout, None)
-    except TimeoutError:
-        raise BodyTooSlow(f"the request body did not arrive within {seconds:.0f}s") from None
-
-
-async def _receive_body(request: Request, limit: int) -> bytes | None:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        if not message.get("more_body", False):
-            if not chunks:
-                return chunk  # the usual case: the whole body in one message, no copy
-            chunks.append(chunk)
-            return b"".join(chunks)
-        chunks.append(chunk)
-
-
 def sidecar_app(access: BottleAccess) -> Starlette:
     dispatcher = Dispatcher(access)
 
     async def rejected(detail: str, status: int, message: str) -> Response:
-        await access.record(op="invalid", target="", outcome="error", detail=detail, duration_ms=0)
-        return JSONResponse(_error(None, RpcError(INVALID_REQUEST, message)), status_code=status)
+        await access.record(op="invalid", target="", outcome="error", detail=detail, duration_ms=0.0)
+        return answer(access, _error(None, RpcError(INVALID_REQUEST, message)), status)
 
     async def rpc(request: Request) -> Response:
         try:
@@ -412,82 +424,15 @@ def sidecar_app(access: BottleAccess) -> Starlette:
         if raw is None:
             message = f"request over {MAX_REQUEST_BYTES} bytes"
             return await rejected(f"rejected {message}", 413, message)
-        answer = await dispatcher.handle_body(raw)
-        if answer is None:
+        document = await dispatcher.handle_body(raw)
+        if document is None:
             return Response(status_code=204)
-        return JSONResponse(answer)
+        return answer(access, document)
 
     return Starlette(routes=[Route("/rpc", rpc, methods=["POST"])])
 
 
-# -- serving an ASGI app on a Unix socket inside the service's event loop -------------------
-
-
-class QuietServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = asyncio.Event()
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        self.ready.set()
-
-    # The service's own uvicorn server owns SIGINT/SIGTERM; a second server capturing them
-    # would swallow the service's shutdown.
-    @contextlib.contextmanager
-    def capture_signals(self) -> Any:
-        yield
-
-
-class UnixServer:
-    """An ASGI app on a 0600 Unix socket in a 0700 directory, started and stopped on demand."""
-
-    def __init__(self, app: ASGIApp, path: Path, *, limit_concurrency: int = 1024) -> None:
-        self.path = path
-        self.app = app
-        self.limit_concurrency = limit_concurrency
-        self._server: QuietServer | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.path.parent, 0o700)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(self.path))
-        os.chmod(self.path, 0o600)
-        # An agent may fire many calls at once; past the backlog its connects would fail.
-        sock.listen(self.limit_concurrency)
-        sock.setblocking(False)
-        config = uvicorn.Config(
-            self.app,
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            proxy_headers=False,  # a Unix socket: no proxy, no forwarded headers to trust
-            timeout_graceful_shutdown=2,
-            limit_concurrency=self.limit_concurrency,
-            h11_max_incomplete_event_size=64 * 1024,
-        )
-        self._server = QuietServer(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name=f"unix:{self.path}")
-        ready = asyncio.create_task(self._server.ready.wait())
-        # A launch waits for this, so wait for the event rather than poll for it.
-        await asyncio.wait([ready, self._task], return_when=asyncio.FIRST_COMPLETED)
-        if not self._server.started:
-            ready.cancel()
-            if self._task.done():
-                self._task.result()
-            raise ForgeBottleError(f"could not serve {self.path}")
-
-    async def stop(self) -> None:
-        if self._server is None or self._task is None:
-            return
-        self._server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._server = None
-        self._task = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+def answer(access: BottleAccess, document: Any, status: int = 200) -> Response:
+    """The one way out to an agent: JSON with every forgebottle secret redacted."""
+    body = json.dumps(document, ensure_ascii=False, allow_nan=False)
+    return Response(access.redact(body).encode(), status, media_type="application/json")

@@ -1,38 +1,31 @@
 """SQLite store: bottle state, webhook inbox, runs, the operation log, transitions, prompts.
 
-WAL; commits are at ``synchronous=NORMAL`` unless a transaction asks to be ``durable`` (see
-``Store.transaction``), and what must be on disk before it is answered (webhooks, the records of
-the sidecar's writes) is made so by syncing the WAL afterwards (``WalSync`` in the service,
-FULL's guarantee without the event loop waiting on the disk); the schema is
-versioned with ``PRAGMA user_version`` and migrated forward on open. Every write that must be
-atomic runs in one ``BEGIN IMMEDIATE`` transaction.
+WAL mode. What must survive a power loss before anyone is told it happened (a webhook before
+its 202, the record of a sidecar write before the agent hears back) is committed with
+``synchronous=FULL`` (``durable=True``); the service runs those commits in a thread, so the
+event loop never waits on the disk. Everything else commits at ``NORMAL``: it survives a crash
+of this process, and what a power loss could take is derived again from the durable inbox.
+Checkpoints are SQLite's own. The schema is versioned with ``PRAGMA user_version`` and migrated
+forward on open. Every write that must be atomic runs in one ``BEGIN IMMEDIATE`` transaction.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
 import logging
-import math
-import os
 import sqlite3
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from statemachine import BottleState, ForgeBottleError, TransitionRecord
 
 BUSY_TIMEOUT_MS = 10_000
-MAX_ROWID = 2**63 - 1  # SQLite's largest integer key
 
 log = logging.getLogger("forgebottle")
 
@@ -167,6 +160,10 @@ class StoreError(ForgeBottleError):
     pass
 
 
+class UnknownBottle(StoreError):
+    http_status = 404
+
+
 @dataclasses.dataclass
 class ForgeState:
     """One row of ``forge_state``: the live (or last) bottle of one issue."""
@@ -276,8 +273,6 @@ class Operation:
 
     def content(self) -> dict[str, Any]:
         """What the hash covers: everything but the hash itself."""
-        # Spelled out rather than dataclasses.asdict (a recursive deep copy): this runs on
-        # every sidecar call. The hash must not change: tests pin one.
         return {
             "seq": self.seq,
             "run": self.run,
@@ -314,16 +309,32 @@ class ChainCheck:
     problem: str = ""
 
 
+def _hash_matches(previous: str, op: Operation) -> str | None:
+    """The chain hash ``op`` carries if it is right, else None.
+
+    Records written before durations were always floats hashed a rejection's ``0`` as an
+    integer while the REAL column reads it back as ``0.0``: those verify under the integer form.
+    """
+    expected = chain_hash(previous, op)
+    if op.hash == expected:
+        return expected
+    if op.duration_ms.is_integer():
+        legacy = hashlib.sha256((previous + canonical({**op.content(), "duration_ms": int(op.duration_ms)})).encode())
+        if op.hash == legacy.hexdigest():
+            return op.hash
+    return None
+
+
 def verify_chain(slug: str, ops: Sequence[Operation], *, head: str, count: int) -> ChainCheck:
     """Recompute the chain. ``head``/``count`` are what forge_state recorded at the last append."""
     previous = genesis(slug)
     for index, op in enumerate(ops, start=1):
         if op.seq != index:
             return ChainCheck(previous, False, index, f"operation {index} is missing")
-        expected = chain_hash(previous, op)
-        if op.hash != expected:
+        found = _hash_matches(previous, op)
+        if found is None:
             return ChainCheck(previous, False, op.seq, f"operation {op.seq} was altered")
-        previous = expected
+        previous = found
     if len(ops) != count or (count and previous != head):
         return ChainCheck(previous, False, len(ops) + 1, f"operations after {len(ops)} are missing (expected {count})")
     return ChainCheck(previous, True)
@@ -345,199 +356,6 @@ def _immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
-def sync_file(path: Path) -> None:
-    """fdatasync ``path``: everything written to it before the call is on disk after it."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-
-
-# The helper process behind WalSync: one byte in per sync asked, one byte out once done ("k"), or
-# failed ("e"). Asks that arrive together share one fdatasync: each was sent after its commit's
-# write() returned, so one sync begun after reading them covers them all. The fd stays open so a
-# writeback error is reported to it (a file opened after the error may never hear of it); a new
-# WAL file (the database was closed and opened again) is noticed by its inode and reopened.
-_WAL_SYNC_HELPER = r"""
-import os, signal, sys
-# Stopping is the parent's to decide (a terminal's Ctrl-C reaches the whole process group, as may a
-# `systemctl stop`): it closes our stdin, or dies, which closes it too; until then syncs are answered.
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-path, fd, seen = sys.argv[1], -1, None
-try:
-    while True:
-        asks = os.read(0, 4096)
-        if not asks:
-            break
-        try:
-            st = os.stat(path)
-            if (st.st_dev, st.st_ino) != seen:
-                if fd >= 0:
-                    os.close(fd)
-                    fd = -1
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                st = os.fstat(fd)
-                seen = (st.st_dev, st.st_ino)
-            os.fdatasync(fd)
-            answer = b"k"
-        except OSError:
-            answer = b"e"
-        os.write(1, answer * len(asks))
-except BrokenPipeError:  # the parent let us go with a sync in flight: nobody is waiting for it
-    pass
-"""
-
-
-class WalSync:
-    """Makes what is committed to a WAL durable without the event loop waiting on the disk.
-
-    A commit at ``synchronous=NORMAL`` writes the WAL but does not sync it; ``await sync()``
-    then fdatasyncs it, which is all that FULL adds to a commit in WAL mode. The sync runs in a
-    helper process, not a thread: a thread needs the GIL to start and to report, from an event
-    loop that holds it nearly all the time, and under a webhook burst those hand-offs cost
-    intake more than the inserts and the fsync together (bench/README.md). Should the helper be
-    missing, fail or exit, syncs run in a thread instead (the same guarantee, slower; counted in
-    ``syncs``) and a new helper is tried ``retry_after`` seconds later.
-
-    The helper is ``python -I -S`` (nothing imported beyond ``os``, ``signal`` and ``sys``: ~9 MB
-    resident) with an empty environment and the WAL's path as its only argument. It exits when
-    its stdin closes, so also when this process dies, and not before: it ignores SIGINT and
-    SIGTERM, which a Ctrl-C or a ``systemctl stop`` may send it along with this process.
-    """
-
-    def __init__(self, wal: Path, *, retry_after: float = 30.0, command: Sequence[str] | None = None) -> None:
-        self.wal = wal
-        self.retry_after = retry_after
-        self.syncs: dict[str, int] = {"helper": 0, "thread": 0}
-        if command is None:  # an embedded interpreter may not know its executable: no helper then
-            command = [sys.executable, "-I", "-S", "-c", _WAL_SYNC_HELPER, str(wal)] if sys.executable else []
-        self._command = list(command)
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiting: collections.deque[asyncio.Future[bool]] = collections.deque()
-        self._lost_at: float | None = None
-        self._closed = False
-        self._exiting: list[subprocess.Popen[bytes]] = []  # let go of, reaped once they have exited
-
-    @property
-    def helper_pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    async def sync(self) -> Literal["helper", "thread"]:
-        """Return once everything written to the WAL before the call is on disk: ``"helper"``
-        or ``"thread"``, whichever synced it. Raises OSError if neither could."""
-        loop = asyncio.get_running_loop()
-        if self._proc is not None and self._loop is not loop:  # answers would go to the other loop
-            self._detach()
-        if self._proc is None and not self._closed and self._may_spawn():
-            self._spawn(loop)
-        proc = self._proc
-        if proc is not None and proc.stdin is not None:
-            try:
-                os.write(proc.stdin.fileno(), b"s")
-            except BlockingIOError:  # 64 KiB of unanswered asks: this one goes to a thread
-                pass
-            except OSError as exc:
-                self._lost(f"could not be asked ({exc})")
-            else:
-                answered = loop.create_future()
-                self._waiting.append(answered)
-                if await answered:
-                    self.syncs["helper"] += 1
-                    return "helper"
-        await asyncio.to_thread(sync_file, self.wal)
-        self.syncs["thread"] += 1
-        return "thread"
-
-    async def close(self) -> None:
-        """Stop the helper (it exits once its stdin closes); later syncs run in threads."""
-        self._closed = True
-        self._detach()
-        for proc in self._exiting:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                await asyncio.to_thread(proc.wait, 5)
-            if proc.returncode is None:  # stuck in the disk, most likely: left to init
-                proc.kill()
-        self._exiting = []
-
-    def _may_spawn(self) -> bool:
-        return self._lost_at is None or time.monotonic() >= self._lost_at + self.retry_after
-
-    def _spawn(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._exiting = [proc for proc in self._exiting if proc.poll() is None]
-        if not self._command:
-            self._lost_at = math.inf
-            log.warning("no Python executable to run the WAL sync helper: syncing in threads")
-            return
-        try:
-            proc = subprocess.Popen(
-                self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={}, bufsize=0, close_fds=True
-            )
-        except OSError as exc:
-            self._lost_at = time.monotonic()
-            log.warning("cannot start the WAL sync helper (%s): syncing in threads", exc)
-            return
-        assert proc.stdin is not None and proc.stdout is not None
-        os.set_blocking(proc.stdin.fileno(), False)
-        os.set_blocking(proc.stdout.fileno(), False)
-        loop.add_reader(proc.stdout.fileno(), self._answers)
-        self._loop, self._proc = loop, proc
-
-    def _answers(self) -> None:
-        proc = self._proc
-        if proc is None or proc.stdout is None:
-            return
-        try:
-            answers = os.read(proc.stdout.fileno(), 4096)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._lost(f"could not be read ({exc})")
-            return
-        if not answers:
-            self._lost(f"exited ({proc.poll()})")
-            return
-        failed = False
-        for answer in answers:
-            if not self._waiting:
-                self._lost("answered a sync nobody asked for")
-                return
-            waiter = self._waiting.popleft()
-            failed = failed or answer != ord("k")
-            if not waiter.done():
-                waiter.set_result(answer == ord("k"))
-        if failed:
-            log.warning("the WAL sync helper could not sync %s: syncing in a thread", self.wal)
-
-    def _lost(self, reason: str) -> None:
-        proc = self._detach()
-        if proc is not None:
-            proc.kill()  # not waited for: a helper stuck in the disk would stall the event loop
-        self._lost_at = time.monotonic()
-        log.warning("the WAL sync helper %s; syncing in threads, a new helper in %.0fs", reason, self.retry_after)
-
-    def _detach(self) -> subprocess.Popen[bytes] | None:
-        """Let the helper go: close its pipes (its stdin closing stops it) and send every sync
-        still waiting on it to a thread."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return None
-        self._exiting.append(proc)
-        if self._loop is not None and proc.stdout is not None:
-            self._loop.remove_reader(proc.stdout.fileno())
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
-        waiting, self._waiting = self._waiting, collections.deque()
-        for waiter in waiting:
-            if not waiter.done():
-                waiter.set_result(False)
-        return proc
-
-
 class Store:
     """All persistent state. Thread-safe: one connection behind a lock."""
 
@@ -545,30 +363,17 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        # Held for every write transaction, on either connection, so a writer waits exactly as
-        # long as the write before it rather than in SQLite's busy-handler sleeps (1, 2, 5 ms...).
-        self._writing = threading.Lock()
-        self._checkpointing = threading.Lock()
-        self._checkpointer: sqlite3.Connection | None = None
-        self._db = self._connect()
+        self._db = sqlite3.connect(
+            str(self.path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+        )
+        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._sync = ""
-        self._intake: sqlite3.Connection | None = None
         self._migrate()
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(
-            str(self.path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
-        )
-        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        return db
-
     def close(self) -> None:
-        with self._lock, self._writing, self._checkpointing:
-            for db in (self._intake, self._checkpointer):
-                if db is not None:
-                    db.close()
+        with self._lock:
             self._db.close()
 
     @property
@@ -592,14 +397,14 @@ class Store:
     def transaction(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction.
 
-        ``durable``: fsync the WAL before returning (synchronous=FULL). Otherwise the commit
-        survives a crash of this process but may be lost, whole, on power loss, until the next
-        durable commit syncs the WAL (synchronous=NORMAL). Webhooks are durable before they are
-        answered; everything derived from them can be derived again.
+        ``durable``: committed with ``synchronous=FULL`` (the WAL is synced before this returns).
+        Otherwise ``NORMAL``: it survives a crash of this process at once, and a power loss once
+        a later durable commit (or a checkpoint) has synced the WAL. Blocking on the disk: the
+        service runs durable transactions in a thread.
         """
-        with self._lock, self._writing:
+        with self._lock:
             mode = "FULL" if durable else "NORMAL"
-            if mode != self._sync:  # a statement per transaction otherwise (~10% of a sidecar append)
+            if mode != self._sync:
                 self._db.execute(f"PRAGMA synchronous={mode}")
                 self._sync = mode
             with _immediate(self._db) as db:
@@ -711,92 +516,40 @@ class Store:
     # -- inbox -----------------------------------------------------------------------
 
     def add_event(self, *, received_at: str, delivery: str, event_type: str, body: bytes) -> tuple[int, bool]:
-        """Store a webhook durably. Returns (id, is_new); a byte-identical body is not new."""
+        """Store one webhook durably. Returns (id, is_new); a byte-identical body is not new."""
         return self.add_events([NewEvent(received_at, delivery, event_type, body)])[0]
 
     def add_events(self, events: Sequence[NewEvent]) -> list[tuple[int, bool]]:
-        """Store webhooks in one transaction, one fsync (group commit). (id, is_new) for each."""
-        results = self.insert_events(events)
-        sync_file(self.wal_path)
+        """Store webhooks in one durable transaction (group commit): (id, is_new) for each.
+        Blocks on the disk: call it from a thread."""
+        results: list[tuple[int, bool]] = []
+        with self.transaction(durable=True) as db:
+            for event in events:
+                digest = hashlib.sha256(event.body).hexdigest()
+                cursor = db.execute(
+                    "INSERT INTO inbox (received_at, delivery, event_type, body, body_sha256, status, reason, "
+                    "processed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (body_sha256) DO NOTHING",
+                    (
+                        event.received_at,
+                        event.delivery,
+                        event.event_type,
+                        event.body,
+                        digest,
+                        "ignored" if event.ignored else "pending",
+                        event.ignored,
+                        event.received_at if event.ignored else None,
+                    ),
+                )
+                if cursor.rowcount == 1 and cursor.lastrowid is not None:
+                    results.append((cursor.lastrowid, True))
+                    continue
+                existing = db.execute("SELECT id FROM inbox WHERE body_sha256 = ?", (digest,)).fetchone()
+                results.append((int(existing[0]), False))
         return results
 
-    @property
-    def wal_path(self) -> Path:
-        return self.path.with_name(self.path.name + "-wal")
-
-    def insert_events(self, events: Sequence[NewEvent]) -> list[tuple[int, bool]]:
-        """Commit webhooks without waiting for the disk: (id, is_new) for each.
-
-        They survive a crash of this process, not yet of the machine, until the WAL is synced
-        (``sync_file(wal_path)``, or a ``WalSync``): nothing may answer for them or act on them
-        before that (``pending_events(before=...)`` keeps the worker off them). Intake commits
-        here, on the event loop, and syncs in a helper process. This connection never
-        checkpoints as part of a commit, which would stall the loop on two fsyncs; whoever
-        inserts runs ``checkpoint`` elsewhere (as for the main connection after
-        ``defer_checkpoints``).
-        """
-        with self._writing:
-            if self._intake is None:
-                self._intake = self._connect()
-                self._intake.execute("PRAGMA synchronous=NORMAL")
-                self._intake.execute("PRAGMA wal_autocheckpoint=0")
-                # Each event lands on a random page of the body_sha256 index: a cache larger than
-                # the default 2 MB keeps that index in memory instead of re-reading a few pages
-                # from disk per batch (16 MB is the index of ~200,000 events).
-                self._intake.execute("PRAGMA cache_size=-16384")
-            results: list[tuple[int, bool]] = []
-            with _immediate(self._intake) as db:
-                for event in events:
-                    digest = hashlib.sha256(event.body).hexdigest()
-                    # Insert first, look up only a replay: one statement for a new event.
-                    cursor = db.execute(
-                        "INSERT INTO inbox (received_at, delivery, event_type, body, body_sha256, status, reason, "
-                        "processed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (body_sha256) DO NOTHING",
-                        (
-                            event.received_at,
-                            event.delivery,
-                            event.event_type,
-                            event.body,
-                            digest,
-                            "ignored" if event.ignored else "pending",
-                            event.ignored,
-                            event.received_at if event.ignored else None,
-                        ),
-                    )
-                    if cursor.rowcount == 1 and cursor.lastrowid is not None:
-                        results.append((cursor.lastrowid, True))
-                        continue
-                    existing = db.execute("SELECT id FROM inbox WHERE body_sha256 = ?", (digest,)).fetchone()
-                    results.append((int(existing[0]), False))
-        return results
-
-    def defer_checkpoints(self) -> None:
-        """Stop the main connection checkpointing inside its commits (SQLite's default, about
-        every 1,000 WAL pages: a copy and two fsyncs in whatever commits, on the event loop in
-        ``serve``). Whoever calls this checkpoints instead: :meth:`checkpoint`, in a thread."""
-        with self._lock, self._writing:
-            self._db.execute("PRAGMA wal_autocheckpoint=0")
-
-    @property
-    def changes(self) -> int:
-        """Rows changed through this store so far: a cheap sign that the WAL has grown."""
-        with self._lock:
-            return self._db.total_changes + (self._intake.total_changes if self._intake is not None else 0)
-
-    def checkpoint(self) -> None:
-        """Copy committed WAL frames into the database (PASSIVE: it waits for no reader or
-        writer). Blocking: the service runs it in a thread, on a connection of its own."""
-        with self._checkpointing:
-            if self._checkpointer is None:
-                self._checkpointer = self._connect()
-            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-
-    def pending_events(self, limit: int = 100, *, before: int | None = None) -> list[InboxEvent]:
-        """The oldest pending events; ``before``: only those with a smaller id."""
-        last = MAX_ROWID if before is None else before - 1
-        rows = self._query(
-            "SELECT * FROM inbox WHERE status = 'pending' AND id <= ? ORDER BY id LIMIT ?", (last, limit)
-        )
+    def pending_events(self, limit: int = 100) -> list[InboxEvent]:
+        """The oldest pending events, in arrival order."""
+        rows = self._query("SELECT * FROM inbox WHERE status = 'pending' ORDER BY id LIMIT ?", (limit,))
         return [self._event(r) for r in rows]
 
     def event(self, event_id: int) -> InboxEvent | None:
@@ -882,6 +635,9 @@ class Store:
         with self.transaction() as db:
             db.execute(f"UPDATE runs SET {sets} WHERE slug = ? AND n = ?", [*fields.values(), slug, n])
 
+    def end_run(self, slug: str, n: int, *, at: str, error: str, db: sqlite3.Connection) -> None:
+        db.execute("UPDATE runs SET ended_at = ?, error = ? WHERE slug = ? AND n = ?", (at, error, slug, n))
+
     def runs(self, slug: str) -> list[dict[str, Any]]:
         rows = self._query("SELECT * FROM runs WHERE slug = ? ORDER BY n", (slug,))
         return [dict(r) for r in rows]
@@ -903,23 +659,23 @@ class Store:
         outcome: str,
         detail: str,
         duration_ms: float,
+        durable: bool = False,
     ) -> Operation:
-        """Append one operation to ``slug``'s chain, committed at NORMAL: it survives a crash of
-        this process at once; the caller syncs the WAL where it promises more (the service does,
-        for writes and denials, before the agent hears back)."""
-        with self.transaction() as db:
+        """Append one operation to ``slug``'s chain (``durable``: see ``transaction``)."""
+        with self.transaction(durable=durable) as db:
             row = db.execute("SELECT chain_head, op_count FROM forge_state WHERE slug = ?", (slug,)).fetchone()
             if row is None:
                 raise StoreError(f"no bottle {slug!r}")
             previous = row["chain_head"] or genesis(slug)
             seq = int(row["op_count"]) + 1
-            duration_ms = round(duration_ms, 3)
+            # Always a float: the column is REAL, and the hash must read back as it was written.
+            duration_ms = round(float(duration_ms), 3)
             draft = Operation(seq, run, at, op, target, outcome, detail, duration_ms, "")
-            operation = Operation(seq, run, at, op, target, outcome, detail, duration_ms, chain_hash(previous, draft))
+            operation = dataclasses.replace(draft, hash=chain_hash(previous, draft))
             db.execute(
                 "INSERT INTO operations (slug, seq, run, at, op, target, outcome, detail, duration_ms, hash) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (slug, seq, run, at, op, target, outcome, detail, operation.duration_ms, operation.hash),
+                (slug, seq, run, at, op, target, outcome, detail, duration_ms, operation.hash),
             )
             db.execute(
                 "UPDATE forge_state SET chain_head = ?, op_count = ?, last_checkin_at = ? WHERE slug = ?",
@@ -973,11 +729,14 @@ class Store:
         rows = self._query("SELECT slug, MIN(id) AS first FROM pending_prompts GROUP BY slug ORDER BY first")
         return [r["slug"] for r in rows]
 
-    def count_operations(self, slug: str, ops: Sequence[str], *, outcome: str, since: str) -> int:
+    def count_writes(self, slug: str, ops: Sequence[str], *, since: str) -> int:
+        """Write attempts of ``ops`` since ``since``: every one that was not denied (those that
+        reached the forge or git, failed or not), and every push, refused ones included."""
         marks = ", ".join("?" for _ in ops)
         rows = self._query(
-            f"SELECT COUNT(*) AS n FROM operations WHERE slug = ? AND op IN ({marks}) AND outcome = ? AND at >= ?",
-            [slug, *ops, outcome, since],
+            f"SELECT COUNT(*) AS n FROM operations WHERE slug = ? AND op IN ({marks}) AND at >= ? "
+            "AND (outcome != 'denied' OR op = 'push')",
+            [slug, *ops, since],
         )
         return int(rows[0]["n"])
 

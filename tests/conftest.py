@@ -7,13 +7,11 @@ webhooks from devforge, the sidecar socket) and read the SQLite file it writes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -26,12 +24,14 @@ import httpx
 import pytest
 
 import devforge as df
-from bottles import AgentSpec, BottleSpec, find_bwrap
+from bottles import find_bwrap
+from config import AgentSpec, BottleSpec, Config, Secret
 from devforge import ServerThread
-from forgebottle import Config, Service, create_app
-from gitea import Gitea, Secret
+from gitea import Gitea
+from service import Service
 from statemachine import BottleState
-from store import ForgeState, Store, WalSync
+from store import ForgeState, Store
+from web import create_app
 
 T = TypeVar("T")
 
@@ -167,11 +167,9 @@ class Rig:
         agent_env: dict[str, str] | None = None,
         network: Literal["none", "host"] = "none",
         agent_timeout: float | None = None,
-        wal_sync: Callable[[Path], WalSync] | None = None,
         **overrides: Any,
     ) -> None:
         self.forge = forge
-        self.wal_sync = wal_sync  # makes the service's WalSync from the WAL's path, when not the default
         self.state_dir = state_dir
         tools = state_dir / "tools"
         tools.mkdir(parents=True, exist_ok=True)
@@ -221,9 +219,8 @@ class Rig:
         self.config = self._config()
         app_store = Store(self.config.db_path)
         gitea = Gitea(self.config.api_url, self.config.token.reveal(), timeout=self.config.forge_timeout)
-        wal = self.wal_sync(app_store.wal_path) if self.wal_sync else None
-        self.service = Service(self.config, app_store, gitea, wal=wal)
-        self.server.app = create_app(self.config, app_store, gitea, service=self.service)
+        self.service = Service(self.config, app_store, gitea)
+        self.server.app = create_app(self.config, self.service)
         self.server.start()
         if hook:
             self.hook = self.forge.dev.add_hook(
@@ -430,33 +427,6 @@ class ServeProcess:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=60)
-
-
-def checkpointed_rows(database: Path, copy: Path, count: str) -> int:
-    """``count`` (a ``SELECT count(*)``) run on a copy of the database file alone, without its
-    WAL: what checkpoints have copied into the file."""
-    copy.write_bytes(database.read_bytes())
-    with contextlib.closing(sqlite3.connect(copy)) as db:
-        try:
-            return int(db.execute(count).fetchone()[0])
-        except sqlite3.OperationalError as exc:  # not even the table is in the file yet
-            if "no such table" not in str(exc):  # anything else is the test's own error
-                raise
-            return 0
-
-
-def gated_wal_sync(gate: Path) -> list[str]:
-    """A WAL sync helper's command that answers each sync only once ``gate`` exists (it syncs
-    nothing: for tests of what waits for a sync)."""
-    return [
-        sys.executable,
-        "-c",
-        "import os, sys, time\n"
-        "while os.read(0, 1):\n"
-        "    while not os.path.exists(sys.argv[1]): time.sleep(0.01)\n"
-        "    os.write(1, b'k')\n",
-        str(gate),
-    ]
 
 
 def processes_mentioning(text: str) -> list[int]:

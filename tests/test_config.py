@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from forgebottle import Config, ConfigError, parse_duration
-from gitea import Secret
+from config import Config, ConfigError, Secret, parse_duration
 from tests.conftest import ROOT
 
 BASE = {

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from bottles import BottleSpec
+from config import BottleSpec
 from statemachine import BottleState
 from store import Store
 from tests.conftest import (
@@ -67,10 +67,30 @@ def test_watchdog_freezes_a_stalled_agent_and_kills_its_tree(rig_factory: Callab
     state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1, timeout=30)
     assert time.monotonic() - began < 1.0 + 0.2 + 5  # timeout + interval + the stop's grace
     last = rig.store.transitions(state.slug)[-1]
-    assert last["trigger"] == "watchdog" and "no sidecar call for" in last["reason"]
+    assert last["trigger"] == "watchdog" and "no activity (sidecar call or output) for" in last["reason"]
     run = rig.store.runs(state.slug)[0]
     assert run["watchdog_fired"] == 1 and run["signalled_status"] is None
     wait_until(lambda: not processes_mentioning(marker), timeout=10, what="the process tree to be gone")
+
+
+# Busy but quiet towards the forge: prints a line every 0.2 s for 3 s, then finishes.
+BUSY_AGENT = """#!/bin/sh
+forge whoami > /dev/null
+i=0
+while [ $i -lt 15 ]; do echo "working $i"; sleep 0.2; i=$((i + 1)); done
+forge done success "busy but done"
+"""
+
+
+def test_output_keeps_a_busy_agent_alive(rig_factory: Callable[..., Rig]) -> None:
+    # Three times the watchdog's timeout without a sidecar call, but never a second without
+    # output: the agent is working, and the watchdog leaves it be (DESIGN.md §5).
+    rig = rig_factory(scripts={"busy": BUSY_AGENT}, watchdog_timeout=1.0, watchdog_interval=0.2).start()
+    issue = rig.open_issue(agent="busy")
+    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1, timeout=60)
+    last = rig.store.transitions(state.slug)[-1]
+    assert last["trigger"] == "done", last
+    assert rig.store.runs(state.slug)[0]["watchdog_fired"] == 0
 
 
 def test_run_timeout_fires_the_watchdog(rig_factory: Callable[..., Rig]) -> None:

@@ -15,11 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
-from forgebottle import BUCKETS, Metrics, create_app
-from gitea import Secret
+import metrics as m
+from config import Secret
+from metrics import BUCKETS, Metrics
 from statemachine import BottleState
 from store import Store
 from tests.conftest import ROOT, Forge, Rig, ServeProcess, needs_bwrap, wait_until
+from web import create_app
 
 pytestmark = needs_bwrap
 API_TOKEN = "read-api-" + "7" * 20
@@ -154,12 +156,13 @@ def test_read_api_needs_the_bearer_token_when_configured(rig_factory: Callable[.
 
 
 def test_read_api_is_loopback_only_without_a_token(forge: Forge, short_tmp: Path) -> None:
-    from forgebottle import Config
+    from config import Config
     from gitea import Gitea
+    from service import Service
 
     config = Config(api_url=forge.api, token=Secret("t"), webhook_secret=Secret("s"), state_dir=short_tmp / "s")
     store = Store(short_tmp / "db")
-    app = create_app(config, store, Gitea(forge.api, "t"))
+    app = create_app(config, Service(config, store, Gitea(forge.api, "t")))
 
     async def ask(client_host: str) -> list[int]:
         # The peer address is the transport's: an ASGI transport lets us be a remote client.
@@ -201,15 +204,15 @@ def test_bottles_events_and_metrics(rig: Rig) -> None:
 def test_histograms_are_cumulative_with_inclusive_bounds() -> None:
     metrics = Metrics()
     for seconds in (0.0005, 0.001, 0.003, 0.2, 100.0):
-        metrics.observe("t_seconds", "help", seconds, method="x")
+        metrics.observe(m.RUN_SECONDS, seconds, method="x")
     lines = metrics.render({}).splitlines()
     buckets = {line.split('le="')[1].split('"')[0]: float(line.split()[-1]) for line in lines if "_bucket" in line}
     assert list(buckets) == [f"{b:g}" for b in BUCKETS] + ["+Inf"]
     assert buckets["0.001"] == 2  # le is inclusive: 0.001 counts
     assert buckets["0.005"] == 3 and buckets["0.1"] == 3 and buckets["0.5"] == 4 and buckets["30"] == 4
     assert buckets["+Inf"] == 5
-    assert 't_seconds_count{method="x"} 5' in lines
-    assert 't_seconds_sum{method="x"} 100.204500' in lines
+    assert 'forgebottle_run_seconds_count{method="x"} 5' in lines
+    assert 'forgebottle_run_seconds_sum{method="x"} 100.204500' in lines
 
 
 def test_logs_are_json_lines_without_secrets(forge: Forge, serve_factory: Callable[..., ServeProcess]) -> None:

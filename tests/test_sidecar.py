@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import stat
@@ -19,8 +18,8 @@ import pytest
 
 from bottles import git_env
 from statemachine import BottleState
-from store import ForgeState, WalSync
-from tests.conftest import Rig, checkpointed_rows, gated_wal_sync, needs_bwrap, wait_until
+from store import ForgeState
+from tests.conftest import Rig, needs_bwrap, wait_until
 
 pytestmark = needs_bwrap
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,62 +218,6 @@ def test_batches_and_notifications(running: Callable[..., Sidecar]) -> None:
     assert "result" in answers[0] and answers[1]["error"]["code"] == -32601 and answers[2]["error"]["code"] == -32600
     only = sc.raw(json.dumps({"jsonrpc": "2.0", "method": "whoami"}).encode())
     assert only.status_code == 204 and only.content == b""
-
-
-def test_a_write_is_answered_only_once_its_record_is_synced(running: Callable[..., Sidecar], tmp_path: Path) -> None:
-    # A WAL sync helper that syncs only while the gate exists. A write's record is committed, and
-    # its answer waits for the sync; the event loop does not wait with it: a read is answered.
-    gate = tmp_path / "gate"
-    gate.touch()
-    sc = running(wal_sync=lambda wal: WalSync(wal, command=gated_wal_sync(gate)))
-    issue = sc.state.issue_number
-    gate.unlink()
-    answers: dict[str, Any] = {}
-    writer = threading.Thread(target=lambda: answers.update(posted=sc.call("post_comment", number=issue, body="held")))
-    writer.start()
-    wait_until(lambda: f"posted comment to #{issue}" in [d for _, _, d in sc.ops()], what="its record")
-    reader = Sidecar(sc.rig, sc.state)  # a second connection, as a second call of the agent's
-    try:
-        assert reader.ok("read_issue", number=issue)["number"] == issue
-    finally:
-        reader.client.close()
-    assert writer.is_alive() and not answers  # still waiting for the sync
-    gate.touch()
-    writer.join(timeout=30)
-    assert "result" in answers["posted"]
-    assert 'forgebottle_wal_syncs_total{by="helper"}' in httpx.get(f"{sc.rig.url}/metrics").text
-
-
-def test_a_write_whose_record_cannot_be_synced_is_still_answered(
-    running: Callable[..., Sidecar], tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    # The syncer's file vanishes once the bottle runs: neither the helper nor a thread can sync.
-    # The comment is posted either way, so the agent hears so; the operator hears of the disk.
-    synced = tmp_path / "synced"
-    synced.touch()
-    sc = running(wal_sync=lambda _: WalSync(synced))
-    issue = sc.state.issue_number
-    synced.unlink()
-    with caplog.at_level(logging.ERROR, logger="forgebottle"):
-        assert set(sc.ok("post_comment", number=issue, body="posted")) == {"id", "html_url"}
-    assert f"posted comment to #{issue}" in [d for _, _, d in sc.ops()]
-    assert any("could not be synced" in r.getMessage() for r in caplog.records)
-
-
-def test_the_service_checkpoints_what_its_commits_leave_in_the_wal(
-    running: Callable[..., Sidecar], tmp_path: Path
-) -> None:
-    # serve's commits never checkpoint (the event loop would copy and fsync): the service does,
-    # in a thread, once a second after writes. The records reach the database file that way.
-    sc = running()
-    for _ in range(5):
-        sc.ok("whoami")
-    recorded = len(sc.ops())
-    count = f"SELECT count(*) FROM operations WHERE slug = '{sc.state.slug}'"
-    copy = tmp_path / "copy.db"
-    wait_until(
-        lambda: checkpointed_rows(sc.rig.config.db_path, copy, count) >= recorded, what="a checkpoint of the records"
-    )
 
 
 def test_rate_limit(running: Callable[..., Sidecar]) -> None:

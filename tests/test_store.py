@@ -9,7 +9,6 @@ import pytest
 
 from statemachine import Bottle, BottleState, Trigger, fire
 from store import MIGRATIONS, ForgeState, NewEvent, Operation, Store, StoreError, chain_hash, genesis
-from tests.conftest import checkpointed_rows
 
 
 def state(owner: str = "acme", repo: str = "widgets", issue: int = 17, **kw: object) -> ForgeState:
@@ -128,43 +127,6 @@ def test_a_batch_repeating_a_body_stores_it_once(store: Store) -> None:
     a, b = results[0][0], results[2][0]
     assert results == [(a, True), (old, False), (b, True), (a, False)]
     assert [e.body for e in store.pending_events()] == [b"old", b"a", b"b"]
-
-
-def test_pending_events_before_an_id_leave_out_that_event_and_later_ones(store: Store) -> None:
-    [(synced, _)] = store.add_events([event(b"synced")])
-    [(first, _), (second, _)] = store.insert_events([event(b"unsynced"), event(b"unsynced too")])
-    assert [e.id for e in store.pending_events(before=first)] == [synced]
-    assert [e.id for e in store.pending_events()] == [synced, first, second]
-
-
-def checkpointed_inbox(store: Store, tmp_path: Path) -> int:
-    """Inbox rows in the database file alone: what checkpoints copied there from the WAL."""
-    return checkpointed_rows(store.path, tmp_path / "copy.db", "SELECT count(*) FROM inbox")
-
-
-def test_intake_never_checkpoints_in_a_commit_but_checkpoint_does(store: Store, tmp_path: Path) -> None:
-    store.checkpoint()  # the schema, into the database file
-    assert checkpointed_inbox(store, tmp_path) == 0
-    # Well past SQLite's default of a checkpoint every 1,000 pages, had intake kept it.
-    for n in range(300):
-        store.insert_events([event(b"%d-%d" % (n, i) + b"x" * 3000) for i in range(5)])
-    wal_pages = store.wal_path.stat().st_size // 4096
-    assert wal_pages > 1500
-    assert checkpointed_inbox(store, tmp_path) == 0
-    store.checkpoint()
-    assert checkpointed_inbox(store, tmp_path) == 1500
-
-
-def test_a_store_that_defers_checkpoints_never_checkpoints_in_a_commit(store: Store, tmp_path: Path) -> None:
-    store.checkpoint()  # the schema, into the database file
-    store.defer_checkpoints()
-    for n in range(1200):  # a transaction each: well past SQLite's default of 1,000 pages
-        store.upsert(state(issue=n, issue_url="x" * 2000))
-    assert store.wal_path.stat().st_size // 4096 > 1000
-    count = "SELECT count(*) FROM forge_state"
-    assert checkpointed_rows(store.path, tmp_path / "copy.db", count) == 0
-    store.checkpoint()
-    assert checkpointed_rows(store.path, tmp_path / "copy.db", count) == 1200
 
 
 def test_a_failed_batch_stores_nothing_and_frees_the_store(store: Store) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
+import sqlite3
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlencode
@@ -14,20 +15,17 @@ import httpx
 import pytest
 from starlette.requests import Request
 
-from forgebottle import Config, Service
-from gitea import Gitea, Secret
+from config import Config, Secret
+from gitea import Gitea
+from service import Service
 from statemachine import BottleState
-from store import Store, WalSync
+from store import Store
 from tests.conftest import (
     Rig,
-    gated_wal_sync,
     needs_bwrap,
     post_webhook,
-    processes_mentioning,
     read_when,
     sign,
-    until,
-    wait_until,
 )
 
 pytestmark = needs_bwrap
@@ -43,38 +41,38 @@ def test_launch_on_label_and_member_assignment(rig: Rig) -> None:
     rig.wait_events_done()
     assert rig.bottle(issue.number) is None
     assert "none is a member" in rig.event_reasons()[0]
-    # The label started a clone ahead of the decision; the refusal removed it, git and all.
-    clones = rig.state_dir / "clones"
-    assert clones.is_dir() and list(clones.iterdir()) == []
-    assert processes_mentioning(str(clones)) == []
+    # Nothing was cloned for the refused launch.
+    assert not (rig.state_dir / "bottles").exists()
     dev.assign(rig.forge.owner, rig.forge.repo, issue.number, [world.member.login], by=world.member.login)
     state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1)
     assert state.agent_name == "happy" and state.pr_number is not None
     assert [t["trigger"] for t in rig.store.transitions(state.slug)] == ["launch", "done"]
     assert rig.store.runs(state.slug)[0]["trigger"] == "issue_assign"
-    # The launch adopted the clone made ahead: it is the workspace, on the bottle's branch.
-    assert list(clones.iterdir()) == []
+    # The workspace is on the bottle's branch.
     workspace = rig.state_dir / "bottles" / state.slug / "workspace"
     head = subprocess.run(["git", "-C", str(workspace), "branch", "--show-current"], capture_output=True, text=True)
     assert head.stdout.strip() == f"bot-bottle/issue-{issue.number}"
 
 
-def test_clones_left_by_a_previous_process_are_removed_at_start(rig_factory: Callable[..., Rig]) -> None:
-    rig = rig_factory()
-    stale = rig.state_dir / "clones" / "7-abandoned" / "workspace"
-    stale.mkdir(parents=True)
-    rig.start()
-    assert not (rig.state_dir / "clones").exists()
-
-
 def test_no_launch_for_outsider_assignee_or_unknown_agent(rig: Rig) -> None:
+    # Nothing is cloned or fetched for an event before the rules decided to launch it.
+    git: list[str] = []
+
+    def count_git(request: Request) -> int | None:
+        if "/info/refs" in request.url.path or request.url.path.endswith(("/git-upload-pack", ".git")):
+            git.append(request.url.path)
+        return None
+
+    rig.forge.dev.fault = count_git
     outsider = rig.open_issue(assignee=rig.forge.world.outsider.login)
     unknown = rig.open_issue(agent="nope")
     rig.wait_events_done()
+    rig.forge.dev.fault = None
     assert rig.bottle(outsider.number) is None and rig.bottle(unknown.number) is None
     reasons = rig.event_reasons()
     assert any(f"assigned to {rig.forge.world.outsider.login}; none is a member" in r for r in reasons)
-    assert any("agent 'nope' is not configured" in r for r in reasons)
+    assert any("agent 'nope' is not configured; configured: " in r for r in reasons)
+    assert git == []
 
 
 def test_not_twice_for_one_issue(rig: Rig) -> None:
@@ -237,9 +235,8 @@ def test_max_running_queues_fifo(rig_factory: Callable[..., Rig]) -> None:
     a = rig.wait_state(first.number, BottleState.RUNNING)
     rig.wait_events_done()
     assert rig.bottle(second.number).status is BottleState.QUEUED  # type: ignore[union-attr]
-    # The queued launch keeps no clone made ahead: it would be stale by the time its turn comes.
-    clones = rig.state_dir / "clones"
-    wait_until(lambda: list(clones.iterdir()) == [], what="the queued launch's clone to be dropped")
+    # A queued launch clones nothing until its turn comes: its checkout would go stale.
+    assert not (rig.state_dir / "bottles" / rig.bottle(second.number).slug).exists()  # type: ignore[union-attr]
     rig.go(a.slug, 1)
     b = rig.wait_state(second.number, BottleState.RUNNING)
     assert (rig.state_dir / "bottles" / b.slug / "workspace" / ".git").is_dir()
@@ -348,68 +345,55 @@ def test_a_stale_label_in_the_payload_is_decided_on_the_issue_as_it_is(rig: Rig)
     rig.forge.dev.fault = None
 
 
-def test_a_failed_clone_ahead_is_cloned_again_at_launch(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
-    failed: list[str] = []
-
-    def fail_the_first_clone(request: Request) -> int | None:
-        if request.url.path.endswith("/info/refs") and not failed:
-            failed.append(request.url.path)
-            return 500
-        return None
-
-    rig.forge.dev.fault = fail_the_first_clone
-    with caplog.at_level(logging.INFO, logger="forgebottle"):
-        _, state = rig.run_once()
-    rig.forge.dev.fault = None
-    assert failed, "the clone made ahead should have met the fault"
-    assert state.pr_number is not None
-    assert any("the clone made ahead failed" in r.getMessage() for r in caplog.records)
-    assert list((rig.state_dir / "clones").iterdir()) == []
-
-
-def intake_only(state_dir: Path, store: Store, wal: WalSync) -> Service:
+def intake_only(state_dir: Path, store: Store) -> Service:
     """A service never started, with no forge to reach: for what accept() does alone."""
     config = Config(
         api_url="http://127.0.0.1:9/api/v1", token=Secret("t"), webhook_secret=Secret("s"), state_dir=state_dir
     )
     assert config.db_path == store.path
-    return Service(config, store, Gitea(config.api_url, "t"), wal=wal)
+    return Service(config, store, Gitea(config.api_url, "t"))
 
 
-def test_a_webhook_is_answered_and_acted_on_only_once_its_wal_is_synced(tmp_path: Path) -> None:
-    # A helper that syncs once the test opens the gate: until then the event is committed (in the
-    # database) but neither answered nor handed to the worker.
-    gate = tmp_path / "gate"
+def test_a_webhook_is_committed_off_the_event_loop_before_it_is_answered(tmp_path: Path) -> None:
+    # Another thread holds the store in a long transaction: the webhook's commit waits for it
+    # in a thread of its own, and the event loop (every other request) goes on meanwhile.
     store = Store(tmp_path / "bot-bottle.db")
-    wal = WalSync(store.wal_path, command=gated_wal_sync(gate))
-    service = intake_only(tmp_path, store, wal)
+    service = intake_only(tmp_path, store)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store.transaction():
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(30)
 
     async def go() -> None:
         accepted = asyncio.create_task(service.accept(delivery="d", event_type="issues", body=b'{"n": 1}'))
-        await until(store.pending_events, what="the event to be committed")
-        assert not accepted.done()
-        assert service.ready_events() == []
-        gate.touch()
+        ticks = 0
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 20 and not accepted.done()
+        release.set()
         event_id, new = await asyncio.wait_for(accepted, 30)
         assert new and [e.id for e in store.pending_events()] == [event_id]
-        assert [e.id for e in service.ready_events()] == [event_id]
-        assert 'forgebottle_wal_syncs_total{by="helper"} 1' in service.metrics.render({})
-        await wal.close()
 
     asyncio.run(go())
+    holder.join(30)
 
 
-def test_a_webhook_whose_sync_fails_is_refused_but_kept(tmp_path: Path) -> None:
-    # Neither helper nor thread can sync (the WAL the syncer was given is not there): the sender
-    # hears of the failure; the event, committed, stays for the worker as after a crash.
+def test_a_webhook_whose_commit_fails_is_refused_and_not_kept(tmp_path: Path) -> None:
+    # The database cannot take the commit (here: closed under the service): the sender hears
+    # of the failure rather than a 202 for an event that is not on disk.
     store = Store(tmp_path / "bot-bottle.db")
-    wal = WalSync(tmp_path / "not-the-wal")
-    service = intake_only(tmp_path, store, wal)
+    service = intake_only(tmp_path, store)
+    store.close()
 
     async def go() -> None:
-        with pytest.raises(FileNotFoundError):
+        with pytest.raises(sqlite3.ProgrammingError):
             await service.accept(delivery="d", event_type="issues", body=b'{"n": 1}')
-        assert [e.body for e in service.ready_events()] == [b'{"n": 1}']
-        await wal.close()
 
     asyncio.run(go())

@@ -1,0 +1,461 @@
+"""Configuration: one frozen ``Config``, read once at start-up (defaults < TOML < environment).
+
+Secrets come from files or the environment, never from the TOML, and live in ``Secret``s that
+do not print themselves; ``redact`` is the one function that scrubs them from any text that
+leaves the process (logs, and everything the sidecar sends an agent).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from statemachine import ForgeBottleError
+
+
+class Secret:
+    """A string that does not print itself (after starlette's ``Secret``)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}('**********')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def matches(self, candidate: str) -> bool:
+        """Constant-time comparison."""
+        return hmac.compare_digest(self._value.encode(), candidate.encode())
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with every secret replaced by ``***``."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentSpec:
+    """``[agents.<name>]`` of the config."""
+
+    name: str
+    command: tuple[str, ...]
+    resume_command: tuple[str, ...]
+    network: Literal["none", "host"] = "none"
+    env: tuple[tuple[str, Secret], ...] = ()
+    timeout: float | None = None
+    ro_binds: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class BottleSpec:
+    """``[bottles.<name>]``: how an agent is contained. ``local`` is built in."""
+
+    name: str = "local"
+    backend: Literal["local", "command"] = "local"
+    sandbox: Literal["bwrap", "none"] = "bwrap"
+    start: tuple[str, ...] = ()
+    resume: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()
+    destroy: tuple[str, ...] = ()
+
+
+BACKENDS = ("local", "command")
+
+# What of the host a bottle sees, read-only. Never "/": that would show the token file and
+# the state dir. /etc only by entry, so that a secret kept under /etc stays out.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+ETC_ENTRIES = (
+    "alternatives",
+    "ca-certificates",
+    "ssl",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "passwd",
+    "group",
+    "nsswitch.conf",
+    "hosts",
+    "host.conf",
+    "resolv.conf",
+    "gitconfig",
+    "mime.types",
+    "protocols",
+    "services",
+    "os-release",
+)
+
+
+def system_binds() -> list[tuple[str, str]]:
+    """(kind, path) for what the sandbox shows of the host: symlinks kept as symlinks."""
+    binds: list[tuple[str, str]] = []
+    for path in SYSTEM_DIRS:
+        if os.path.islink(path):
+            binds.append(("symlink", path))
+        elif os.path.isdir(path):
+            binds.append(("ro-bind", path))
+    for entry in ETC_ENTRIES:
+        path = f"/etc/{entry}"
+        if os.path.lexists(path):
+            binds.append(("ro-bind", path))
+    return binds
+
+
+def exposed(path: Path, extra: Sequence[str] = ()) -> str | None:
+    """The bound host path under which ``path`` would be visible in a bottle, if any."""
+    target = Path(os.path.realpath(path))
+    for kind, bound in system_binds():
+        if kind == "ro-bind" and (target == Path(bound) or Path(bound) in target.parents):
+            return bound
+    for bound in extra:
+        real = Path(os.path.realpath(bound))
+        if target == real or real in target.parents:
+            return bound
+    return None
+
+
+ENV_API = "FORGE_GITEA_API"
+ENV_TOKEN = "FORGE_TOKEN"
+ENV_TOKEN_FILE = "FORGE_TOKEN_FILE"
+ENV_WEBHOOK_SECRET = "FORGE_WEBHOOK_SECRET"
+ENV_WEBHOOK_SECRET_FILE = "FORGE_WEBHOOK_SECRET_FILE"
+ENV_ORG = "FORGE_ORG"
+ENV_WATCHDOG = "FORGE_WATCHDOG_TIMEOUT"
+ENV_STATE_DIR = "FORGEBOTTLE_STATE_DIR"
+ENV_LISTEN = "FORGEBOTTLE_LISTEN"
+ENV_API_TOKEN = "FORGEBOTTLE_API_TOKEN"
+ENV_API_TOKEN_FILE = "FORGEBOTTLE_API_TOKEN_FILE"
+ENV_CONFIG = "FORGEBOTTLE_CONFIG"
+
+_TOP_KEYS = {"forge", "watchdog", "server", "sidecar", "agents", "bottles"}
+_SECTION_KEYS = {
+    "forge": {"api_url", "token_file", "webhook_secret_file", "org", "timeout"},
+    "watchdog": {"timeout", "interval"},
+    "server": {"state_dir", "listen", "api_token_file", "max_running", "event_retries"},
+    "sidecar": {"writes_per_hour", "done_grace"},
+}
+_AGENT_KEYS = {"command", "resume_command", "network", "env", "timeout", "ro_binds"}
+_BOTTLE_KEYS = {"backend", "sandbox", "start", "resume", "stop", "destroy"}
+
+
+class ConfigError(ForgeBottleError):
+    pass
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """``90s``, ``30m``, ``2h`` or plain seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    match = _DURATION.match(str(value)) if isinstance(value, str) else None
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"{key}: {value!r} is not a duration (use 90s, 30m, 2h or seconds)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything forgebottle is told, read once at start-up (defaults < TOML < environment)."""
+
+    api_url: str
+    token: Secret
+    webhook_secret: Secret | None
+    state_dir: Path
+    org: str = "bot-bottle"
+    watchdog_timeout: float = 1800.0
+    watchdog_interval: float = 15.0
+    listen: str = "127.0.0.1:8765"
+    api_token: Secret | None = None
+    max_running: int = 2
+    agents: Mapping[str, AgentSpec] = dataclasses.field(default_factory=dict)
+    bottles: Mapping[str, BottleSpec] = dataclasses.field(default_factory=lambda: {"local": BottleSpec()})
+    writes_per_hour: int = 30
+    done_grace: float = 30.0
+    forge_timeout: float = 10.0
+    event_retries: int = 5
+    secret_files: tuple[Path, ...] = ()
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "bot-bottle.db"
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.state_dir / "admin.sock"
+
+    def secrets(self) -> list[str]:
+        """Every secret value forgebottle holds, for redaction and the push scan."""
+        out = [self.token.reveal()]
+        out += [s.reveal() for s in (self.webhook_secret, self.api_token) if s]
+        return [s for s in out if s]
+
+    def bottle(self, names: Sequence[str]) -> BottleSpec:
+        name = names[0] if names else "local"
+        if name not in self.bottles:
+            raise ConfigError(f"bottles.{name}: no such bottle configured")
+        return self.bottles[name]
+
+    @classmethod
+    def load(
+        cls,
+        environ: Mapping[str, str],
+        path: Path | None,
+        *,
+        insecure_no_webhook_secret: bool = False,
+        require_forge: bool = True,
+    ) -> Config:
+        toml = _read_toml(path)
+        forge = toml.get("forge", {})
+        server = toml.get("server", {})
+        watchdog = toml.get("watchdog", {})
+        sidecar = toml.get("sidecar", {})
+        base = path.parent if path else Path.cwd()
+
+        api_url = environ.get(ENV_API) or forge.get("api_url") or ""
+        if require_forge and not api_url:
+            raise ConfigError(f"forge.api_url: required (or {ENV_API}), e.g. https://git.example.com/api/v1")
+        if api_url and not re.match(r"^https?://[^/\s]+", api_url):
+            raise ConfigError(f"forge.api_url: {api_url!r} is not an http(s) URL")
+        token = _secret(environ, ENV_TOKEN, ENV_TOKEN_FILE, forge.get("token_file"), "forge.token_file", base)
+        if require_forge and token is None:
+            raise ConfigError(f"forge.token_file: required (or {ENV_TOKEN} / {ENV_TOKEN_FILE})")
+        webhook_secret = _secret(
+            environ,
+            ENV_WEBHOOK_SECRET,
+            ENV_WEBHOOK_SECRET_FILE,
+            forge.get("webhook_secret_file"),
+            "forge.webhook_secret_file",
+            base,
+        )
+        if require_forge and webhook_secret is None and not insecure_no_webhook_secret:
+            raise ConfigError(
+                f"forge.webhook_secret_file: required (or {ENV_WEBHOOK_SECRET}); "
+                "--insecure-no-webhook-secret accepts unsigned webhooks"
+            )
+        api_token = _secret(
+            environ, ENV_API_TOKEN, ENV_API_TOKEN_FILE, server.get("api_token_file"), "server.api_token_file", base
+        )
+        org = environ.get(ENV_ORG) or forge.get("org") or "bot-bottle"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", org):
+            raise ConfigError(f"forge.org: {org!r} is not an organisation name")
+        timeout = parse_duration(environ.get(ENV_WATCHDOG) or watchdog.get("timeout", "30m"), "watchdog.timeout")
+        interval = parse_duration(watchdog.get("interval", min(15.0, timeout / 4)), "watchdog.interval")
+        state_dir = Path(environ.get(ENV_STATE_DIR) or server.get("state_dir") or "~/.bot-bottle").expanduser()
+        listen = environ.get(ENV_LISTEN) or server.get("listen") or "127.0.0.1:8765"
+        parse_listen(listen)
+        max_running = _positive_int(server.get("max_running", 2), "server.max_running")
+        agents = {name: _agent(name, spec, environ) for name, spec in toml.get("agents", {}).items()}
+        bottles = {"local": BottleSpec()}
+        bottles.update({name: _bottle(name, spec) for name, spec in toml.get("bottles", {}).items()})
+        config = cls(
+            api_url=api_url.rstrip("/"),
+            token=token or Secret(""),
+            webhook_secret=webhook_secret,
+            state_dir=state_dir,
+            org=org,
+            watchdog_timeout=timeout,
+            watchdog_interval=interval,
+            listen=listen,
+            api_token=api_token,
+            max_running=max_running,
+            agents=agents,
+            bottles=bottles,
+            writes_per_hour=_positive_int(sidecar.get("writes_per_hour", 30), "sidecar.writes_per_hour"),
+            done_grace=parse_duration(sidecar.get("done_grace", "30s"), "sidecar.done_grace"),
+            forge_timeout=parse_duration(forge.get("timeout", "10s"), "forge.timeout"),
+            event_retries=_positive_int(server.get("event_retries", 5), "server.event_retries"),
+            secret_files=tuple(
+                (base / str(f)).expanduser()
+                for f in (
+                    environ.get(ENV_TOKEN_FILE) or forge.get("token_file"),
+                    environ.get(ENV_WEBHOOK_SECRET_FILE) or forge.get("webhook_secret_file"),
+                    environ.get(ENV_API_TOKEN_FILE) or server.get("api_token_file"),
+                )
+                if f
+            ),
+        )
+        config.check_secrets_stay_out()
+        return config
+
+    def read_api_problem(self) -> str | None:
+        """Why ``serve`` must not start with this read API, if it must not.
+
+        An agent with ``network = "host"`` is a loopback client like any other: with such an
+        agent configured, loopback proves nothing, so the read API needs its bearer token or a
+        Unix socket (whose mode keeps bottles out)."""
+        host = sorted(a.name for a in self.agents.values() if a.network == "host")
+        if host and self.api_token is None and not self.listen.startswith("unix:"):
+            return (
+                f'agents {", ".join(host)} have network = "host" and so could read the read API as a '
+                "loopback client: set server.api_token_file (or FORGEBOTTLE_API_TOKEN) or listen on unix:/path"
+            )
+        return None
+
+    def check_secrets_stay_out(self) -> None:
+        """No agent may be handed a secret of ours, by config or by a bind of its directory."""
+        secrets = self.secrets()
+        for agent in self.agents.values():
+            for key, value in agent.env:
+                if value.reveal() in secrets:
+                    raise ConfigError(f"agents.{agent.name}.env.{key}: passes a forgebottle secret to the agent")
+            for path in (self.state_dir, *self.secret_files):
+                where = exposed(path, agent.ro_binds)
+                if where:
+                    raise ConfigError(f"agents.{agent.name}: {path} would be visible in the bottle through {where}")
+
+
+def _read_toml(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section")
+    for section, keys in _SECTION_KEYS.items():
+        value = data.get(section, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{section}: must be a table")
+        if section == "forge" and ("token" in value or "webhook_secret" in value):
+            raise ConfigError("forge.token: secrets never go in the TOML; use forge.token_file or FORGE_TOKEN")
+        bad = sorted(set(value) - keys)
+        if bad:
+            raise ConfigError(f"{section}.{bad[0]}: unknown key")
+    return data
+
+
+def _secret(environ: Mapping[str, str], env: str, env_file: str, toml_file: Any, key: str, base: Path) -> Secret | None:
+    if environ.get(env):
+        return Secret(environ[env].strip())
+    filename = environ.get(env_file) or toml_file
+    if not filename:
+        return None
+    path = (base / str(filename)).expanduser()
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    if not value:
+        raise ConfigError(f"{key}: {path} is empty")
+    return Secret(value)
+
+
+def _positive_int(value: Any, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key}: {value!r} must be a positive integer")
+    return value
+
+
+def _argv(value: Any, key: str, *, required: bool) -> tuple[str, ...]:
+    if value is None and not required:
+        return ()
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}: must be a non-empty list of strings (an argv, never a shell line)")
+    return tuple(value)
+
+
+def _agent(name: str, spec: Any, environ: Mapping[str, str]) -> AgentSpec:
+    key = f"agents.{name}"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        raise ConfigError(f"{key}: agent names are letters, digits, '.', '_' and '-'")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{key}: must be a table")
+    bad = sorted(set(spec) - _AGENT_KEYS)
+    if bad:
+        raise ConfigError(f"{key}.{bad[0]}: unknown key")
+    command = _argv(spec.get("command"), f"{key}.command", required=True)
+    resume = _argv(spec.get("resume_command"), f"{key}.resume_command", required=False) or command
+    network = spec.get("network", "none")
+    if network not in ("none", "host"):
+        raise ConfigError(f'{key}.network: {network!r} must be "none" or "host"')
+    env_spec = spec.get("env", {})
+    if not isinstance(env_spec, dict):
+        raise ConfigError(f"{key}.env: must be a table")
+    env: list[tuple[str, Secret]] = []
+    for var, raw in env_spec.items():
+        if not isinstance(raw, str):
+            raise ConfigError(f"{key}.env.{var}: must be a string")
+        if raw.startswith("env:"):
+            source = raw[4:]
+            if source not in environ:
+                raise ConfigError(f"{key}.env.{var}: {source} is not set in forgebottle's environment")
+            env.append((var, Secret(environ[source])))
+        elif raw.startswith("file:"):
+            try:
+                env.append((var, Secret(Path(raw[5:]).expanduser().read_text().strip())))
+            except OSError as exc:
+                raise ConfigError(f"{key}.env.{var}: cannot read {raw[5:]}: {exc.strerror}") from None
+        else:
+            env.append((var, Secret(raw)))
+    timeout = parse_duration(spec["timeout"], f"{key}.timeout") if "timeout" in spec else None
+    ro_binds = spec.get("ro_binds", [])
+    if not isinstance(ro_binds, list) or not all(isinstance(p, str) and p.startswith("/") for p in ro_binds):
+        raise ConfigError(f"{key}.ro_binds: must be a list of absolute paths")
+    return AgentSpec(name, command, resume, network, tuple(env), timeout, tuple(ro_binds))
+
+
+def _bottle(name: str, spec: Any) -> BottleSpec:
+    key = f"bottles.{name}"
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{key}: must be a table")
+    bad = sorted(set(spec) - _BOTTLE_KEYS)
+    if bad:
+        raise ConfigError(f"{key}.{bad[0]}: unknown key")
+    backend = spec.get("backend", "local")
+    if backend not in BACKENDS:
+        raise ConfigError(f"{key}.backend: {backend!r} must be one of {', '.join(BACKENDS)}")
+    sandbox = spec.get("sandbox", "bwrap")
+    if sandbox not in ("bwrap", "none"):
+        raise ConfigError(f'{key}.sandbox: {sandbox!r} must be "bwrap" or "none"')
+    commands = {
+        k: _argv(spec.get(k), f"{key}.{k}", required=(k == "start" and backend == "command"))
+        for k in ("start", "resume", "stop", "destroy")
+    }
+    return BottleSpec(name, backend, sandbox, **commands)
+
+
+def parse_listen(listen: str) -> tuple[str, int] | str:
+    """``host:port`` or ``unix:/path``."""
+    if listen.startswith("unix:"):
+        if not listen[5:].startswith("/"):
+            raise ConfigError(f"server.listen: {listen!r}: unix sockets need an absolute path")
+        return listen[5:]
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"server.listen: {listen!r} must be host:port or unix:/path")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def config_path(option: str | None, environ: Mapping[str, str]) -> Path | None:
+    value = option or environ.get(ENV_CONFIG)
+    return Path(value).expanduser() if value else None
+
+
+# =====================================================================================
+# 2. Logging: one JSON object per line, secrets redacted
+# =====================================================================================

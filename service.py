@@ -1,0 +1,798 @@
+"""The lifecycle engine: intake, the worker, the scheduler, runs, the watchdog and recovery.
+
+Each change follows one shape: load the bottle, let ``rules`` or the caller decide, carry out
+the effects (workspace, sidecar, agent), then fire the trigger on ``statemachine`` and persist
+the transition in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import forge_client
+import metrics as m
+from bottles import (
+    BACKENDS,
+    Backend,
+    BottleContext,
+    BottleError,
+    BottlePaths,
+    PushRefused,
+    PushResult,
+    RunHandle,
+    check_slug,
+    find_bwrap,
+    scan_text,
+)
+from config import Config, ConfigError, redact
+from gitea import Forge, ForgeError, ForgeUnavailable, PullRequest, Repo, ScopedForge, User, branch_for
+from metrics import Metrics
+from rules import Decision, Destroy, Ignore, Launch, Link, Prompt, Rules
+from serving import UnixServer
+from sidecar import WRITES, sidecar_app
+from statemachine import Bottle, BottleState, ForgeBottleError, Trigger, fire
+from store import ForgeState, InboxEvent, NewEvent, Store, UnknownBottle
+
+log = logging.getLogger("forgebottle")
+
+MAX_PROMPT_BYTES = 96 * 1024  # one argv element may hold 128 KiB
+
+OVERLAY = """\
+You are an agent working in a forgebottle bottle on {owner}/{repo}, issue #{issue}.
+Your workspace (the current directory) is a git checkout on branch {branch}.
+You hold no forge credentials: reach the forge only with the `forge` tool on your PATH.
+
+  forge whoami                     your bottle, issue, PR and what you may write to
+  forge read-issue N | read-pr N | comments N
+  forge comment N TEXT             comment on your issue or PR (TEXT or - for stdin)
+  forge describe N TEXT            replace your issue's or PR's description
+  forge push                       push your committed HEAD to {branch} (secret-scanned)
+  forge open-pr --title T --body TEXT
+  forge done success|failure|blocked "summary"
+
+Commit your work with git, `forge push`, `forge open-pr`, then always finish with `forge done`.
+"""
+
+
+def utcnow() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def sandbox_problem(config: Config, bwrap: str | None) -> str | None:
+    """Without bwrap, a local bottle refuses to start unless it says sandbox = "none"."""
+    for spec in config.bottles.values():
+        if spec.backend == "local" and spec.sandbox == "bwrap" and bwrap is None:
+            return (
+                f'bottles.{spec.name}: bwrap not found; install bubblewrap, or set sandbox = "none" '
+                "(agents then run unconfined)"
+            )
+    return None
+
+
+class AdminError(ForgeBottleError):
+    http_status = 409
+
+
+@dataclasses.dataclass
+class ActiveRun:
+    ctx: BottleContext
+    run: int
+    scoped: ScopedForge
+    started: float
+    deadline: float | None
+    last_call: float
+    signalled: tuple[str, str] | None = None
+    watchdog_reason: str = ""
+    destroying: bool = False
+    monitor: asyncio.Task[None] | None = None
+    grace: asyncio.Task[None] | None = None
+    sidecar: UnixServer | None = None
+    handle: RunHandle | None = None
+
+    def last_activity(self) -> float:
+        """A sidecar call or output from the agent, whichever came last."""
+        output = self.handle.last_output if self.handle is not None else 0.0
+        return max(self.last_call, output)
+
+
+class Intake:
+    """Webhooks onto disk before they are answered, in group commits off the event loop."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._queue: list[tuple[NewEvent, asyncio.Future[tuple[int, bool]]]] = []
+        self._committer: asyncio.Task[None] | None = None
+
+    async def add(self, event: NewEvent) -> tuple[int, bool]:
+        """(event id, is new), once the event is committed at synchronous=FULL."""
+        future: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
+        self._queue.append((event, future))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit(), name="intake-commit")
+        return await future
+
+    async def _commit(self) -> None:
+        # Events that arrive while a commit is in flight share the next one (group commit).
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                results = await asyncio.to_thread(self.store.add_events, [event for event, _ in batch])
+            except Exception as exc:  # the edge of intake: every waiter hears of the failure
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+
+class Service:
+    """Turns webhook events and admin requests into bottle transitions."""
+
+    def __init__(self, config: Config, store: Store, forge: Forge, *, bwrap: str | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.forge = forge
+        self.bwrap = bwrap if bwrap is not None else find_bwrap()
+        self.metrics = Metrics()
+        self.rules = Rules(config, forge, store)
+        self.intake = Intake(store)
+        self.active: dict[str, ActiveRun] = {}
+        self.secrets = config.secrets()
+        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._schedule_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._repos: dict[tuple[str, str], Repo] = {}
+        self._stopping = False
+
+    @property
+    def bot(self) -> User | None:
+        return self.rules.bot
+
+    # -- start and stop ------------------------------------------------------------
+
+    def check_sandbox(self) -> None:
+        problem = sandbox_problem(self.config, self.bwrap)
+        if problem:
+            raise ConfigError(problem)
+        for spec in self.config.bottles.values():
+            if spec.sandbox == "none":
+                log.warning('bottle %r runs agents WITHOUT a sandbox (sandbox = "none")', spec.name)
+
+    async def start(self) -> None:
+        self.check_sandbox()
+        self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.config.state_dir, 0o700)
+        install_tools(self.config.state_dir / "tools")
+        await self.recover()
+        self._tasks = [
+            asyncio.create_task(self._worker(), name="webhook-worker"),
+            asyncio.create_task(self._watchdog(), name="watchdog"),
+        ]
+        await self.schedule()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for active in list(self.active.values()):
+            active.watchdog_reason = ""
+            await self._stop_agent(active, grace=5.0)
+            if active.monitor is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await active.monitor
+        await self.forge.aclose()
+
+    async def recover(self) -> None:
+        """After a restart: no agent of ours survives (--die-with-parent), so running means exited.
+        A command bottle's launcher may have left resources running: it is asked to stop them."""
+        stale = self.store.with_status(BottleState.RUNNING)
+        for state in stale:
+            last = self.store.last_run(state.slug)
+            if last is not None and last["ended_at"] is None:
+                self.store.update_run(state.slug, int(last["n"]), ended_at=utcnow(), error="orchestrator restarted")
+            with contextlib.suppress(FileNotFoundError):
+                BottlePaths(self.config.state_dir, state.slug).socket.unlink()
+            self._transition(state, Trigger.EXITED, "orchestrator restarted")
+        await asyncio.gather(*(self._release(state) for state in stale))
+        for state in self.store.with_status(BottleState.DESTROYED):
+            paths = BottlePaths(self.config.state_dir, state.slug)
+            if paths.workspace.exists() or paths.home.exists():
+                with contextlib.suppress(ForgeBottleError):
+                    ctx = await self._context(state, offline=True)
+                    await self.backend(ctx).destroy(ctx)
+
+    async def _release(self, state: ForgeState) -> None:
+        try:
+            ctx = await self._context(state, offline=True)
+            await self.backend(ctx).recovered(ctx)
+        except (ForgeBottleError, OSError) as exc:
+            log.warning("%s: could not release the interrupted run: %s", state.slug, exc, extra={"slug": state.slug})
+
+    # -- webhooks --------------------------------------------------------------------
+
+    async def accept(
+        self, *, delivery: str, event_type: str, body: bytes, ignore: str | None = None
+    ) -> tuple[int, bool]:
+        """Store a webhook durably; (event id, is new) once it is on disk."""
+        event_id, new = await self.intake.add(NewEvent(utcnow(), delivery, event_type, body, ignore or ""))
+        if not new:
+            self.count_webhook("replay")
+        elif ignore:
+            self.count_webhook("ignored")
+            self._event_outcome(event_id, event_type, "ignored", ignore)
+        else:
+            self.count_webhook("queued")
+            self._wake.set()
+        return event_id, new
+
+    def count_webhook(self, outcome: str) -> None:
+        self.metrics.inc(m.WEBHOOKS, outcome=outcome)
+
+    def _event_outcome(self, event_id: int, event_type: str, status: str, reason: str, slug: str = "") -> None:
+        level = logging.WARNING if status == "failed" else logging.INFO
+        extra = {"event_id": event_id, "event": event_type, "status": status, "slug": slug, "reason": reason}
+        log.log(level, "event %d %s: %s", event_id, event_type, reason, extra=extra)
+
+    async def _worker(self) -> None:
+        while True:
+            self._wake.clear()
+            if self.rules.bot is None:
+                try:
+                    self.rules.bot = await self.forge.current_user()
+                    log.info("forge user is %s", self.rules.bot.login)
+                except ForgeError as exc:
+                    log.warning("cannot reach the forge to learn the token's user: %s", exc)
+                    await asyncio.sleep(5)
+                    continue
+            events = self.store.pending_events()
+            for event in events:
+                if not await self.process(event):
+                    break  # the forge is unavailable: this event (and those after it) later
+            if not events:
+                await self._wake.wait()
+
+    async def process(self, event: InboxEvent) -> bool:
+        """Decide one event and carry the decision out; False if it must be tried again later."""
+        try:
+            payload = json.loads(event.body)
+            decision: Decision = (
+                await self.rules.decide(event.event_type, payload)
+                if isinstance(payload, dict)
+                else Ignore("payload is not an object")
+            )
+            status = "ignored" if isinstance(decision, Ignore) else "done"
+        except (ValueError, RecursionError):
+            decision, status = Ignore("body is not JSON"), "ignored"
+        except ForgeUnavailable as exc:
+            attempts = self.store.bump_attempts(event.id, str(exc))
+            self.metrics.inc(m.FORGE_ERRORS, kind="unavailable")
+            if attempts < self.config.event_retries:
+                delay = min(30.0, 0.5 * 2**attempts)
+                log.warning(
+                    "event %d: forge unavailable, retry %d in %.1fs: %s",
+                    event.id,
+                    attempts,
+                    delay,
+                    exc,
+                    extra={"event_id": event.id},
+                )
+                await asyncio.sleep(delay)
+                return False
+            decision, status = Ignore(f"failed after {attempts} attempts: {exc}"), "failed"
+        except ForgeError as exc:
+            self.metrics.inc(m.FORGE_ERRORS, kind="error")
+            decision, status = Ignore(f"forge error: {exc}"), "failed"
+        await self.carry_out(decision, status, event)
+        return True
+
+    async def carry_out(self, decision: Decision, status: str, event: InboxEvent | None = None) -> str:
+        """Write the decision's effects with the event's "done" mark, in one transaction (so a
+        crash re-runs the event rather than losing or doubling it); returns the slug touched."""
+        if isinstance(decision, Destroy):
+            await self.destroy(decision.slug, decision.reason, event=event)
+            return decision.slug
+        at = utcnow()
+        slug = getattr(decision, "slug", "")
+        with self.store.transaction() as db:
+            if isinstance(decision, Launch):
+                slug = self._create(decision, at, db)
+                reason = f"bottle {slug} queued for issue #{decision.issue} (agent {decision.agent})"
+            elif isinstance(decision, Prompt):
+                self.store.add_pending(
+                    decision.slug, at=at, trigger=decision.trigger, source=decision.source, body=decision.body, db=db
+                )
+                reason = decision.reason
+            elif isinstance(decision, Link):
+                self.store.set_fields(decision.slug, db, pr_number=decision.pr, pr_url=decision.url)
+                reason = f"linked pull request #{decision.pr} to {decision.slug}"
+            else:
+                reason = decision.reason
+            if event is not None:
+                self.store.finish_event(event.id, status=status, reason=reason, slug=slug, at=at, db=db)
+        if event is not None:
+            self._event_outcome(event.id, event.event_type, status, reason, slug)
+        if not isinstance(decision, Ignore):
+            await self.schedule()
+        return slug
+
+    def _create(self, launch: Launch, at: str, db: Any) -> str:
+        base = re.sub(r"[^a-z0-9._-]+", "-", f"{launch.owner}-{launch.repo}-{launch.issue}".lower())[:40]
+        base = base.strip("-.") or "bottle"
+        slug, k = base, 1
+        while self.store.slug_taken(slug, db):
+            k += 1
+            slug = f"{base}-{k}"
+        spec = self.config.bottle(launch.bottles)
+        old = self.store.get(launch.owner, launch.repo, launch.issue)
+        if old is not None:
+            self.store.archive(old, at, db)
+        state = ForgeState(
+            owner=launch.owner,
+            repo=launch.repo,
+            issue_number=launch.issue,
+            slug=slug,
+            agent_name=launch.agent,
+            status=BottleState.QUEUED,
+            created_at=at,
+            updated_at=at,
+            bottle_names=launch.bottles,
+            backend_name=spec.backend,
+            agent_git_user=self.bot.login if self.bot else "",
+            issue_url=launch.issue_url,
+            sandbox=spec.sandbox if spec.backend == "local" else "external",
+            queued_seq=self.store.next_queue_seq(db),
+            api_url=self.config.api_url,
+            org=self.config.org,
+            seen_comment_id=launch.seen_comment_id,
+        )
+        self.store.upsert(state, db)
+        self.store.add_pending(slug, at=at, trigger=launch.trigger, source=launch.source, body=launch.prompt, db=db)
+        return slug
+
+    # -- orchestrate (admin socket) ------------------------------------------------
+
+    async def orchestrate_start(
+        self, repo_full: str, issue: int, agent: str, bottles: Sequence[str], prompt: str
+    ) -> str:
+        owner, sep, repo = repo_full.partition("/")
+        if not sep or not owner or not repo:
+            raise AdminError("--repo must be OWNER/REPO")
+        if agent not in self.config.agents:
+            raise AdminError(f"agent {agent!r} is not configured")
+        self.config.bottle(list(bottles) or ["local"])
+        existing = self.store.get(owner, repo, issue)
+        if existing is not None and existing.status.live:
+            raise AdminError(f"bottle {existing.slug} is already {existing.status.value}")
+        launch = await self.rules.operator_launch(owner, repo, issue, agent, bottles, prompt)
+        return await self.carry_out(launch, "done")
+
+    async def orchestrate_resume(self, slug: str, prompt: str) -> str:
+        state = self.known(slug)
+        if not state.status.live:
+            raise AdminError(f"bottle {slug} is destroyed")
+        body = f"### From the operator\n\n{prompt[: 32 * 1024]}"
+        await self.carry_out(Prompt(slug, "orchestrate resume", "orchestrate resume", body, "operator prompt"), "done")
+        return (self.store.by_slug(slug) or state).status.value
+
+    def known(self, slug: str) -> ForgeState:
+        try:
+            check_slug(slug)
+        except BottleError:
+            raise UnknownBottle(f"invalid slug {slug[:80]!r}") from None
+        state = self.store.by_slug(slug)
+        if state is None:
+            raise UnknownBottle(f"no bottle {slug!r}")
+        return state
+
+    # -- the scheduler: FIFO over everything waiting for a slot ---------------------
+
+    async def schedule(self) -> None:
+        async with self._schedule_lock:
+            while True:
+                free = self.config.max_running - len(self.store.with_status(BottleState.RUNNING))
+                if free <= 0:
+                    return
+                candidate = None
+                for slug in self.store.slugs_with_pending():
+                    state = self.store.by_slug(slug)
+                    waiting = state is not None and state.status in (BottleState.QUEUED, BottleState.FROZEN)
+                    if waiting and slug not in self.active:
+                        candidate = state
+                        break
+                if candidate is None:
+                    return
+                await self._start_run(candidate, free)
+
+    async def _start_run(self, state: ForgeState, free: int) -> None:
+        """Effect (workspace, sidecar, agent), then trigger and persist in one transaction."""
+        slug = state.slug
+        async with self._locks[slug]:
+            trigger = Trigger.LAUNCH if state.status is BottleState.QUEUED else Trigger.REHYDRATE
+            pending = self.store.pending(slug)
+            last = self.store.last_run(slug)
+            n = int(last["n"]) + 1 if last else 1
+            prompt = compose_prompt(state, pending, first=n == 1)
+            error = ""
+            active: ActiveRun | None = None
+            try:
+                ctx = await self._context(state)
+                active = await self._spawn(ctx, state, prompt, n, resume=trigger is Trigger.REHYDRATE)
+            except (ForgeBottleError, OSError) as exc:
+                error = redact(str(exc), self.secrets)
+                log.warning("%s: could not start run %d: %s", slug, n, error, extra={"slug": slug})
+            at = utcnow()
+            with self.store.transaction() as db:
+                bottle = Bottle(slug, state.status)
+                record = fire(bottle, trigger, at=at, reason=run_reason(pending, trigger), free_slots=free)
+                self.store.apply(state, record, db)
+                self.store.start_run(
+                    slug,
+                    trigger=pending[0]["trigger"] if pending else trigger.value,
+                    prompt_sha256=hashlib.sha256(prompt.encode()).hexdigest(),
+                    started_at=at,
+                    network=self._network(state),
+                    sandbox=state.sandbox,
+                    db=db,
+                )
+                self.store.take_pending(slug, [int(p["id"]) for p in pending], db)
+                if error:
+                    record = fire(bottle, Trigger.EXITED, at=at, reason=f"failed to start: {error}")
+                    self.store.apply(state, record, db)
+                    self.store.end_run(slug, n, at=at, error=error, db=db)
+            self._log_transition(slug, trigger.value, f"run {n}")
+            if active is not None:
+                self.active[slug] = active
+                active.monitor = asyncio.create_task(self._monitor(active), name=f"monitor:{slug}")
+
+    def _network(self, state: ForgeState) -> str:
+        agent = self.config.agents.get(state.agent_name)
+        return agent.network if agent else "none"
+
+    async def _repo(self, owner: str, repo: str) -> Repo:
+        key = (owner, repo)
+        if key not in self._repos:
+            self._repos[key] = await self.forge.get_repo(owner, repo)
+        return self._repos[key]
+
+    async def _context(self, state: ForgeState, *, offline: bool = False) -> BottleContext:
+        agent = self.config.agents.get(state.agent_name)
+        if agent is None:
+            raise ConfigError(f"agent {state.agent_name!r} of {state.slug} is no longer configured")
+        bottle = self.config.bottle(state.bottle_names)
+        repo = Repo(state.owner, state.repo, "main", "", "") if offline else await self._repo(state.owner, state.repo)
+        return BottleContext(
+            slug=state.slug,
+            owner=state.owner,
+            repo=state.repo,
+            issue=state.issue_number,
+            pr=state.pr_number,
+            agent=agent,
+            bottle=bottle,
+            paths=BottlePaths(self.config.state_dir, state.slug),
+            clone_url=repo.clone_url,
+            default_branch=repo.default_branch,
+            git_user=state.agent_git_user or (self.bot.login if self.bot else "forgebottle"),
+            token=self.config.token,
+            bwrap=self.bwrap,
+        )
+
+    def backend(self, ctx: BottleContext) -> Backend:
+        return BACKENDS[ctx.bottle.backend]()
+
+    async def _spawn(self, ctx: BottleContext, state: ForgeState, prompt: str, n: int, *, resume: bool) -> ActiveRun:
+        backend = self.backend(ctx)
+        prs = [state.pr_number] if state.pr_number else []
+        scoped = ScopedForge(self.forge, owner=state.owner, repo=state.repo, issue=state.issue_number, prs=prs)
+        now = time.monotonic()
+        deadline = now + ctx.agent.timeout if ctx.agent.timeout else None
+        active = ActiveRun(ctx=ctx, run=n, scoped=scoped, started=now, deadline=deadline, last_call=now)
+        sidecar = UnixServer(sidecar_app(RunAccess(self, active)), ctx.paths.socket)
+        active.sidecar = sidecar
+        # The socket comes up while the workspace is cloned; the agent starts once both are ready.
+        prepared, started = await asyncio.gather(backend.prepare(ctx), sidecar.start(), return_exceptions=True)
+        for outcome in (prepared, started):
+            if isinstance(outcome, BaseException):
+                await sidecar.stop()
+                raise outcome
+        ctx.paths.prompt.write_text(prompt)
+        (ctx.paths.root / f"prompt-{n}.md").write_text(prompt)
+        self.active[ctx.slug] = active
+        try:
+            active.handle = await backend.start(ctx, prompt=prompt, run=n, resume=resume)
+        except BaseException:
+            self.active.pop(ctx.slug, None)
+            await sidecar.stop()
+            raise
+        log.info("%s: run %d started (pid %d)", ctx.slug, n, active.handle.pid, extra={"slug": ctx.slug})
+        if ctx.bottle.backend == "local" and not ctx.sandboxed:
+            log.warning(
+                '%s: run %d is NOT sandboxed (bottle %r has sandbox = "none")',
+                ctx.slug,
+                n,
+                ctx.bottle.name,
+                extra={"slug": ctx.slug},
+            )
+        return active
+
+    async def _monitor(self, active: ActiveRun) -> None:
+        assert active.handle is not None and active.sidecar is not None
+        code = await active.handle.wait()
+        slug = active.ctx.slug
+        async with self._locks[slug]:
+            self.active.pop(slug, None)
+            # Whatever fails below, the bottle must leave `running`: a bottle left there would
+            # hold a slot with no agent and no watchdog, for good.
+            try:
+                if active.grace is not None:
+                    active.grace.cancel()
+                await active.sidecar.stop()
+                with contextlib.suppress(FileNotFoundError):
+                    active.ctx.paths.prompt.unlink()
+                self.store.update_run(slug, active.run, ended_at=utcnow(), exit_code=code)
+                self.metrics.observe(m.RUN_SECONDS, time.monotonic() - active.started)
+            except Exception:
+                log.exception("%s: cleaning up run %d failed", slug, active.run, extra={"slug": slug})
+            if not active.destroying:
+                trigger, reason = self._ending(active, code)
+                state = self.store.by_slug(slug)
+                if state is not None and state.status is BottleState.RUNNING:
+                    self._transition(state, trigger, reason)
+        await self.schedule()
+
+    def _ending(self, active: ActiveRun, code: int) -> tuple[Trigger, str]:
+        if active.watchdog_reason:
+            return Trigger.WATCHDOG, active.watchdog_reason
+        if active.signalled:
+            return Trigger.DONE, f"agent signalled {active.signalled[0]}: {active.signalled[1][:200]}"
+        if self._stopping:
+            return Trigger.EXITED, "orchestrator stopped"
+        return Trigger.EXITED, f"agent exited with {code} without signal_done"
+
+    def _transition(self, state: ForgeState, trigger: Trigger, reason: str) -> None:
+        record = fire(Bottle(state.slug, state.status), trigger, at=utcnow(), reason=reason)
+        self.store.apply(state, record)
+        self._log_transition(state.slug, trigger.value, reason)
+
+    def _log_transition(self, slug: str, trigger: str, reason: str) -> None:
+        state = self.store.by_slug(slug)
+        status = state.status.value if state else "?"
+        self.metrics.inc(m.TRANSITIONS, trigger=trigger)
+        extra = {"slug": slug, "trigger": trigger, "dest": status, "reason": reason}
+        log.info("%s: %s -> %s (%s)", slug, trigger, status, reason, extra=extra)
+
+    async def _stop_agent(self, active: ActiveRun, grace: float) -> None:
+        if active.handle is not None:
+            await self.backend(active.ctx).stop(active.ctx, active.handle, grace)
+
+    # -- destroy ---------------------------------------------------------------------
+
+    async def destroy(self, slug: str, reason: str, *, event: InboxEvent | None = None) -> None:
+        """Effects first (kill, remove the workspace), then the transition, with the event if any."""
+        state = self.known(slug)
+        active = self.active.get(slug)
+        if active is not None:
+            active.destroying = True
+            await self._stop_agent(active, grace=2.0)
+            if active.monitor is not None:
+                await active.monitor
+        async with self._locks[slug]:
+            state = self.known(slug)
+            live = state.status.live
+            if live:
+                with contextlib.suppress(ForgeBottleError):
+                    ctx = await self._context(state, offline=True)
+                    await self.backend(ctx).destroy(ctx)
+                shutil.rmtree(BottlePaths(self.config.state_dir, slug).sidecar_dir, ignore_errors=True)
+            at = utcnow()
+            with self.store.transaction() as db:
+                if live:
+                    record = fire(Bottle(slug, state.status), Trigger.DESTROY, at=at, reason=reason)
+                    self.store.apply(state, record, db)
+                if event is not None:
+                    done = f"destroyed {slug}: {reason}" if live else f"{slug} was already destroyed"
+                    self.store.finish_event(event.id, status="done", reason=done, slug=slug, at=at, db=db)
+            if live:
+                self._log_transition(slug, Trigger.DESTROY.value, reason)
+        await self.schedule()
+
+    # -- the watchdog ----------------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.watchdog_interval)
+            await self.check_watchdog()
+
+    async def check_watchdog(self) -> None:
+        now = time.monotonic()
+        for active in list(self.active.values()):
+            if active.watchdog_reason or active.destroying or active.signalled:
+                continue
+            quiet = now - active.last_activity()
+            if quiet > self.config.watchdog_timeout:
+                limit = self.config.watchdog_timeout
+                active.watchdog_reason = f"no activity (sidecar call or output) for {quiet:.0f}s (limit {limit:.0f}s)"
+            elif active.deadline is not None and now > active.deadline:
+                active.watchdog_reason = f"run passed its timeout of {active.ctx.agent.timeout:.0f}s"
+            else:
+                continue
+            self.metrics.inc(m.WATCHDOG)
+            self.store.update_run(active.ctx.slug, active.run, watchdog_fired=1)
+            log.warning("%s: watchdog: %s", active.ctx.slug, active.watchdog_reason, extra={"slug": active.ctx.slug})
+            await self._stop_agent(active, grace=2.0)
+
+    # -- what the sidecar asks of a run ------------------------------------------------
+
+    async def signal_done(self, active: ActiveRun, status: str, summary: str) -> None:
+        active.signalled = (status, summary)
+        self.store.update_run(active.ctx.slug, active.run, signalled_status=status, signalled_summary=summary)
+        if active.grace is None:
+            active.grace = asyncio.create_task(self._grace(active), name=f"grace:{active.ctx.slug}")
+
+    async def _grace(self, active: ActiveRun) -> None:
+        await asyncio.sleep(self.config.done_grace)
+        log.info(
+            "%s: agent still running %.0fs after signal_done; stopping it",
+            active.ctx.slug,
+            self.config.done_grace,
+            extra={"slug": active.ctx.slug},
+        )
+        await self._stop_agent(active, grace=5.0)
+
+    async def push(self, active: ActiveRun) -> PushResult:
+        try:
+            return await self.backend(active.ctx).push(active.ctx, forbidden=self.secrets)
+        except PushRefused as exc:
+            self.store.update_run(active.ctx.slug, active.run, secret_findings=len(exc.findings))
+            raise
+
+
+class RunAccess:
+    """The sidecar's view of one running bottle (``sidecar.BottleAccess``)."""
+
+    def __init__(self, service: Service, active: ActiveRun) -> None:
+        self.service = service
+        self.active = active
+        self.slug = active.ctx.slug
+
+    def is_running(self) -> bool:
+        return self.service.active.get(self.slug) is self.active and not self.active.destroying
+
+    def scoped(self) -> ScopedForge:
+        return self.active.scoped
+
+    def whoami(self) -> dict[str, Any]:
+        ctx, scoped = self.active.ctx, self.active.scoped
+        return {
+            "slug": ctx.slug,
+            "owner": ctx.owner,
+            "repo": ctx.repo,
+            "issue": ctx.issue,
+            "pr": max(scoped.prs) if scoped.prs else None,
+            "writable": scoped.writable,
+        }
+
+    def default_branch(self) -> str:
+        return self.active.ctx.default_branch
+
+    def writes_in_last_hour(self) -> int:
+        since = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).isoformat(timespec="milliseconds")
+        return self.service.store.count_writes(self.slug, sorted(WRITES), since=since)
+
+    def write_limit(self) -> int:
+        return self.service.config.writes_per_hour
+
+    def check_text(self, text: str, where: str) -> None:
+        findings = scan_text(text, self.service.secrets, where=where)
+        if findings:
+            self.service.store.update_run(self.slug, self.active.run, secret_findings=len(findings))
+            raise PushRefused(f"secret found in the {where}; nothing was written", findings)
+
+    def redact(self, text: str) -> str:
+        secrets = self.service.secrets
+        # A secret with characters JSON escapes appears escaped in an answer: redact both forms.
+        return redact(text, [*secrets, *(json.dumps(s)[1:-1] for s in secrets)])
+
+    async def push(self) -> PushResult:
+        return await self.service.push(self.active)
+
+    async def pr_opened(self, pr: PullRequest) -> None:
+        self.service.store.set_fields(self.slug, pr_number=pr.number, pr_url=pr.html_url)
+
+    async def signal_done(self, status: str, summary: str) -> None:
+        await self.service.signal_done(self.active, status, summary)
+
+    async def record(
+        self,
+        *,
+        op: str,
+        target: str,
+        outcome: str,
+        detail: str,
+        duration_ms: float,
+        code: int | None = None,
+        failure: str = "",
+    ) -> None:
+        service = self.service
+        detail = redact(detail, service.secrets)
+        self.active.last_call = time.monotonic()
+        fields: dict[str, Any] = {
+            "run": self.active.run,
+            "at": utcnow(),
+            "op": op,
+            "target": target,
+            "outcome": outcome,
+            "detail": detail,
+            "duration_ms": duration_ms,
+        }
+        # What wrote, or tried to write, to the forge is on disk before the agent hears back;
+        # a read's record reaches the disk with the next durable commit.
+        if op in WRITES or op == "signal_done" or outcome != "ok":
+            await asyncio.to_thread(service.store.append_operation, self.slug, **fields, durable=True)
+        else:
+            service.store.append_operation(self.slug, **fields)
+        service.metrics.inc(m.SIDECAR_CALLS, method=op, outcome=outcome)
+        if code == ForgeError.rpc_code:
+            service.metrics.inc(m.FORGE_ERRORS, kind="sidecar")
+        service.metrics.observe(m.SIDECAR_SECONDS, duration_ms / 1000, method=op)
+        extra = {"slug": self.slug, "op": op, "outcome": outcome}
+        if failure:
+            log.warning("%s: %s (%s)", self.slug, detail, redact(failure, service.secrets), extra=extra)
+        else:
+            log.info("%s: %s", self.slug, detail, extra=extra)
+
+
+def run_reason(pending: Sequence[Mapping[str, Any]], trigger: Trigger) -> str:
+    if not pending:
+        return trigger.value
+    sources = "; ".join(str(p["source"]) for p in pending[:5])
+    more = f" (+{len(pending) - 5} more)" if len(pending) > 5 else ""
+    return f"{sources}{more}"
+
+
+def compose_prompt(state: ForgeState, pending: Sequence[Mapping[str, Any]], *, first: bool) -> str:
+    """The overlay, then the waiting prompts coalesced, oldest first, within the argv limit."""
+    overlay = OVERLAY.format(
+        owner=state.owner, repo=state.repo, issue=state.issue_number, branch=branch_for(state.issue_number)
+    )
+    parts = [overlay, "## Your task" if first else "## New input since your last run", ""]
+    budget = MAX_PROMPT_BYTES - len("\n".join(parts).encode())
+    for item in pending:
+        body = str(item["body"])
+        if len(body.encode()) + 2 > budget:
+            parts.append(f"[{len(pending)} prompts in all; the rest did not fit]")
+            break
+        parts += [body, ""]
+        budget -= len(body.encode()) + 2
+    return "\n".join(parts)
+
+
+def install_tools(directory: Path) -> None:
+    """Put the agent-side ``forge`` tool (stdlib only) where bottles bind it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    source = Path(forge_client.__file__).read_text()
+    target = directory / "forge"
+    if not target.exists() or target.read_text() != source:
+        tmp = directory / ".forge.tmp"
+        tmp.write_text(source)
+        tmp.chmod(0o755)
+        tmp.replace(target)
