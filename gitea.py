@@ -1,9 +1,13 @@
 """The forge as forgebottle sees it: a small ABC, a scope-enforcing wrapper, and Gitea.
 
+``Gitea`` speaks to the API through one ``httpx.AsyncClient``: keep-alive, proxies and TLS
+verification are httpx's; it adds the token, a cap on answers and the mapping of errors below.
+
 Errors raised here::
 
     ForgeBottleError (statemachine)
     ├── ForgeError               any failed forge call; carries Gitea's ``message``; rpc -32002
+    │   │                        (also: a redirect, an answer over the cap, text JSON cannot carry)
     │   ├── ForgeNotFound        404
     │   ├── ForgeAuthError       401/403: the token is wrong or lacks a scope
     │   ├── ForgeConflict        409
@@ -333,8 +337,8 @@ class Gitea(Forge):
             },
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=10, keepalive_expiry=5.0),
-            # A redirect from the API is a misconfiguration (or Gitea's 303 on membership), never a
-            # place to send the token.
+            # Gitea's one redirect, 303 on a membership check, is an answer to read; any other is a
+            # misconfiguration, and following it could carry a request somewhere unintended.
             follow_redirects=False,
             transport=transport,
         )
