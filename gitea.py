@@ -21,7 +21,6 @@ from __future__ import annotations
 import abc
 import base64
 import dataclasses
-import hmac
 import json as jsonlib
 import re
 from collections.abc import Iterable, Mapping
@@ -39,30 +38,6 @@ PAGE_LIMIT = 50
 MAX_PAGES = 200
 # A forge answer bigger than this is refused (the largest real one is a page of 50 items).
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
-
-
-class Secret:
-    """A string that does not print itself (after starlette's ``Secret``)."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}('**********')"
-
-    __str__ = __repr__
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def reveal(self) -> str:
-        return self._value
-
-    def matches(self, candidate: str) -> bool:
-        """Constant-time comparison."""
-        return hmac.compare_digest(self._value.encode(), candidate.encode())
 
 
 class ForgeError(ForgeBottleError):
@@ -475,7 +450,8 @@ class Gitea(Forge):
                 raise ForgeError(f"GET /{path}: forge sent no list of pull requests", status=response.status_code)
             for item in items:
                 pr = pr_from_json(item)
-                if pr.head == head:
+                # A fork's PR may use the same branch name: only this repository's branch counts.
+                if pr.head == head and pr.head_repo.lower() == f"{owner}/{repo}".lower():
                     return pr
             if 'rel="next"' not in response.headers.get("link", "") or not items:
                 return None
