@@ -16,6 +16,7 @@ Not emulated, and why:
 - User=/Group=: stood in for by nobody/nogroup: by setuid when the test runs as root, else by
   mapping the test's user to nobody in a user namespace that keeps the capabilities the mounts
   need until setpriv drops them.
+Paths a host lacks (/usr/lib/modules, /proc/kcore, ...) are skipped, as systemd skips them.
 The seccomp stand-ins use x86-64 syscall numbers, so the test runs on x86-64 only.
 """
 
