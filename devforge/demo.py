@@ -173,8 +173,13 @@ class _Demo:
     def write_config(self, world: Seeded, secret: str, port: int) -> Path:
         """config.toml, the token and webhook secret files (0600) and the agent, in the state dir."""
         assert self.forge_thread is not None
+        try:
+            # A fresh directory: nothing in it (a planted symlink, an old database) is ours.
+            self.state_dir.mkdir(parents=True)
+        except FileExistsError:
+            raise DemoError(f"{self.state_dir} already exists: the demo starts from a fresh directory") from None
         tools = self.state_dir / "tools"
-        tools.mkdir(parents=True)
+        tools.mkdir()
         (tools / "demo-agent").write_text(DEMO_AGENT)
         (tools / "demo-agent").chmod(0o755)
         _write_private(self.state_dir / "token", world.bot.token + "\n")

@@ -121,3 +121,16 @@ def test_a_serve_that_cannot_start_fails_the_demo_with_its_last_words(short_tmp:
     forge_url = re.search(r"devforge up at (\S+)", lines[0]).group(1)  # type: ignore[union-attr]
     with pytest.raises(httpx.ConnectError):
         httpx.get(forge_url, timeout=5)
+
+
+def test_the_demo_refuses_a_state_dir_that_is_already_there(short_tmp: Path) -> None:
+    # Someone who can write to the demo's directory plants the token file as a symlink.
+    victim = short_tmp / "victim"
+    victim.write_text("precious\n")
+    (short_tmp / "state").mkdir()
+    (short_tmp / "state" / "token").symlink_to(victim)
+    lines: list[str] = []
+    assert run_demo(short_tmp, lines.append, SERVE) == 1
+    assert lines[-1] == f"demo failed: {short_tmp}/state already exists: the demo starts from a fresh directory"
+    assert victim.read_text() == "precious\n"
+    assert not (short_tmp / "serve.log").exists()
