@@ -215,14 +215,17 @@ class _Demo:
         # not point the demo's server at another forge or state dir.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("FORGE", "FORGEBOTTLE"))}
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*serve_command, "serve", "--config", str(config)],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.root,
-            )
+            try:
+                self.proc = subprocess.Popen(
+                    [*serve_command, "serve", "--config", str(config)],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.root,
+                )
+            except OSError as exc:
+                raise DemoError(f"cannot run {serve_command[0]}: {exc.strerror}") from None
         # trust_env off: a proxy from the environment must not stand between us and loopback.
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10, trust_env=False)
         self.until(self.healthy, "serve to answer /healthz")

@@ -134,3 +134,9 @@ def test_the_demo_refuses_a_state_dir_that_is_already_there(short_tmp: Path) -> 
     assert lines[-1] == f"demo failed: {short_tmp}/state already exists: the demo starts from a fresh directory"
     assert victim.read_text() == "precious\n"
     assert not (short_tmp / "serve.log").exists()
+
+
+def test_a_serve_command_that_does_not_exist_fails_the_demo_in_one_line(short_tmp: Path) -> None:
+    lines: list[str] = []
+    assert run_demo(short_tmp, lines.append, [str(short_tmp / "no-such-forgebottle")]) == 1
+    assert lines[-1] == f"demo failed: cannot run {short_tmp}/no-such-forgebottle: No such file or directory"
