@@ -271,7 +271,11 @@ class _Demo:
 
     def get(self, path: str) -> Any:
         assert self.http is not None
-        response = self.http.get(path)
+        try:
+            response = self.http.get(path)
+        except httpx.HTTPError as exc:
+            self.check_alive()  # a serve that died says more than the broken connection
+            raise DemoError(f"GET {path}: {type(exc).__name__}: {exc}") from None
         if response.status_code != 200:
             raise DemoError(f"GET {path} answered {response.status_code}: {response.text[:200]}")
         return response.json()
