@@ -406,7 +406,7 @@ def demo(keep: bool) -> None:
 
     root = Path(tempfile.mkdtemp(prefix="fbdemo-"))
     try:
-        code = asyncio.run(run_demo(root, click.echo, self_command()))
+        code = run_demo(root, click.echo, self_command())
     finally:
         if keep:
             click.echo(f"state kept in {root}")

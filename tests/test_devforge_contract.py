@@ -8,9 +8,13 @@ null is allowed for every property.
 
 from __future__ import annotations
 
+import ast
 import copy
+import hashlib
+import hmac
 import json
 import re
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,8 @@ import jsonschema
 import pytest
 from starlette.routing import Route
 
-from tests.conftest import Forge
+import devforge as df
+from tests.conftest import ROOT, Forge
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "gitea" / "swagger.v1.json"
 pytestmark = pytest.mark.skipif(not SPEC_PATH.exists(), reason="../shared/gitea/swagger.v1.json is not beside the repo")
@@ -188,3 +193,40 @@ def test_webhook_entities_validate(forge: Forge) -> None:
             validate({"$ref": "#/definitions/Comment"}, payload["comment"])
         if "pull_request" in payload:
             validate({"$ref": "#/definitions/PullRequest"}, payload["pull_request"])
+
+
+# DESIGN.md §1: devforge imports nothing of ours but statemachine/config where it must.
+OURS = {"forgebottle", "gitea", "store", "sidecar", "bottles", "forge_client", "rules", "service", "web", "egress"}
+THIRD_PARTY = {"starlette", "uvicorn", "httpx"}
+
+
+def test_devforge_is_a_package_of_small_modules_that_imports_nothing_of_ours() -> None:
+    modules = sorted((ROOT / "devforge").glob("*.py"))
+    assert len(modules) >= 8
+    for path in modules:
+        source = path.read_text()
+        assert source.count("\n") <= 600, f"{path.name} is over 600 lines"
+        tree = ast.parse(source)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                assert node.end_lineno is not None
+                assert node.end_lineno - node.lineno < 400, f"{path.name}: class {node.name} is over 400 lines"
+            imported = []
+            if isinstance(node, ast.Import):
+                imported = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported = [node.module]
+            for name in imported:
+                top = name.split(".")[0]
+                assert top not in OURS, f"{path.name} imports {name}"
+                assert top in sys.stdlib_module_names or top in THIRD_PARTY | {"statemachine", "config"}, name
+
+
+def test_the_names_tests_benchmarks_and_the_cli_use_are_still_there() -> None:
+    for name in ("DevForge", "seed", "Seeded", "ServerThread", "sign", "go_json", "loopback_socket"):
+        assert name in df.__all__ and callable(getattr(df, name))
+    for name in ("Delivery", "HookRec", "IssueRec", "UserRec", "DevForgeError", "DevForgeApi"):
+        assert isinstance(getattr(df, name), type)
+    # Through the package: Go's escaping and Gitea's bare-hex signature.
+    assert df.go_json({"a": "<&>"}) == b'{\n  "a": "\\u003c\\u0026\\u003e"\n}'
+    assert df.sign("s", b"{}") == hmac.new(b"s", b"{}", hashlib.sha256).hexdigest()

@@ -1,0 +1,122 @@
+"""The records devforge keeps in memory, and the one error it raises inside."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from pathlib import Path
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+class DevForgeError(Exception):
+    """A refusal with the HTTP status Gitea answers it with (mapped to a body by the API)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclasses.dataclass
+class UserRec:
+    id: int
+    login: str
+    token: str
+    is_admin: bool = False
+    full_name: str = ""
+
+
+@dataclasses.dataclass
+class OrgRec:
+    id: int
+    name: str
+    members: set[str] = dataclasses.field(default_factory=set)
+    public: set[str] = dataclasses.field(default_factory=set)
+    owners: set[str] = dataclasses.field(default_factory=set)
+
+
+@dataclasses.dataclass
+class CommentRec:
+    id: int
+    user: str
+    body: str
+    created_at: str
+    updated_at: str
+
+
+@dataclasses.dataclass
+class PullRec:
+    id: int
+    head: str
+    base: str
+    merged: bool = False
+    merged_at: str | None = None
+    merge_commit_sha: str | None = None
+    merged_by: str | None = None
+
+
+@dataclasses.dataclass
+class IssueRec:
+    id: int
+    number: int
+    title: str
+    body: str
+    user: str
+    created_at: str
+    updated_at: str
+    state: str = "open"
+    labels: list[str] = dataclasses.field(default_factory=list)
+    assignees: list[str] = dataclasses.field(default_factory=list)
+    comments: list[CommentRec] = dataclasses.field(default_factory=list)
+    closed_at: str | None = None
+    pull: PullRec | None = None
+
+
+@dataclasses.dataclass
+class HookRec:
+    id: int
+    url: str
+    secret: str
+    content_type: str = "json"
+    events: frozenset[str] = frozenset({"issues", "pull_request"})
+
+
+@dataclasses.dataclass
+class LabelRec:
+    id: int
+    name: str
+    color: str = "e11d21"
+    description: str = ""
+
+
+@dataclasses.dataclass
+class RepoRec:
+    id: int
+    owner: str
+    name: str
+    path: Path
+    default_branch: str = "main"
+    private: bool = False
+    collaborators: dict[str, str] = dataclasses.field(default_factory=dict)
+    issues: dict[int, IssueRec] = dataclasses.field(default_factory=dict)
+    labels: dict[str, LabelRec] = dataclasses.field(default_factory=dict)
+    hooks: list[HookRec] = dataclasses.field(default_factory=list)
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.owner}/{self.name}"
+
+
+@dataclasses.dataclass
+class Delivery:
+    uuid: str
+    event_type: str
+    url: str
+    body: bytes
+    headers: dict[str, str]
+    status: int | None = None
+    response: str = ""
+    error: str = ""
