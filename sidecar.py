@@ -326,6 +326,7 @@ class Dispatcher:
             if name == "invalid":
                 detail = f"rejected {str(method)[:64] if isinstance(method, str) else 'request'}: {message}"
             failure = operator_detail(exc) if isinstance(exc, (ForgeError, BottleError)) else ""
+            failure = "" if failure == message else failure
             try:
                 await self._log(name, target, outcome, detail, _ms(started), code, failure)
             finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -369,9 +370,11 @@ class ServeProcess:
         command: list[str] | None = None,
         scripts: dict[str, str] | None = None,
         extra_toml: str = "",
+        nofile: int | None = None,
     ) -> None:
         self.forge = forge
         self.home = home
+        self.nofile = nofile  # the soft RLIMIT_NOFILE serve starts with (systemd's default is 1,024)
         self.state_dir = home / "state"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -394,8 +397,14 @@ class ServeProcess:
         self.log = home / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> ServeProcess:
+    def start(self, *, wait: bool = True) -> ServeProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("FORGE", "FORGEBOTTLE"))}
+        nofile = self.nofile
+
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [*self.command, "serve", "--config", str(self.config)],
@@ -403,7 +412,10 @@ class ServeProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.home,
+                preexec_fn=limit,
             )
+        if not wait:
+            return self
 
         def up() -> bool:
             assert self.proc is not None
