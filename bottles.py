@@ -9,14 +9,29 @@ directory with the token in reach would hand the token to the agent. So the host
 * each bottle has a **mirror** (``mirror.git``), made at the first push, that only forgebottle
   writes and the only repository it runs git in once the agent has run;
 * to push, ``git bundle`` runs *inside the sandbox* (no network, no token) and writes a bundle
-  file; the mirror fetches that file (a pack, verified with fsck), scans the change for secrets,
-  and pushes the commit to ``bot-bottle/issue-<N>``.
+  file. What the sandbox leaves is the agent's: forgebottle copies the bytes (never through a
+  link, at most MAX_BUNDLE_BYTES) into a directory the sandbox never saw, checks the bundle
+  header and ``git bundle verify``s the copy in the mirror, and only then fetches it: a file
+  that is not a bundle (a gitfile naming a repository the agent built) never reaches host git.
+  The mirror then scans every commit of the change for secrets and pushes the commit to
+  ``bot-bottle/issue-<N>``.
+
+With ``sandbox = "none"`` the agent runs as forgebottle's own user and ``git bundle`` runs in its
+workspace on the host: that bottle is trusted, not contained.
+
+Errors. ``str(exc)`` of a BottleError says what failed; ``exc.detail`` is what the operator's
+log gets. The errors ``Backend.push`` raises promise more, because the sidecar sends them to the
+agent: PushFailed (-32002) and SandboxUnavailable carry a fixed sentence, with no git or forge
+text, no host path and no secret; PushRefused (-32005) names findings whose paths are redacted.
+Their ``detail`` (git's stderr, the stage that failed) is redacted of every secret the push
+was given: log it, never send it.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import os
@@ -26,7 +41,7 @@ import signal
 import stat
 import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -36,8 +51,14 @@ from statemachine import ForgeBottleError
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the NUL
 GIT_TIMEOUT = 300.0
+# The scan refuses what it cannot read whole: past these bounds nothing is pushed.
 MAX_SCAN_FILES = 2000
+MAX_SCAN_COMMITS = 1000
 MAX_SCAN_BYTES = 2 * 1024 * 1024
+# The largest bundle the host copies out of the sandbox.
+MAX_BUNDLE_BYTES = 256 * 1024 * 1024
+COPY_CHUNK = 1024 * 1024
+BUNDLE_SIGNATURES = (b"# v2 git bundle\n", b"# v3 git bundle\n")
 MAX_RUN_LOG = 16 * 1024 * 1024
 
 # Inside the sandbox.
@@ -73,24 +94,37 @@ ETC_ENTRIES = (
 
 
 class BottleError(ForgeBottleError):
-    """A bottle could not be prepared, started, pushed from or removed."""
+    """A bottle could not be prepared, started, pushed from or removed.
+
+    ``detail`` is for the operator's log; it defaults to the message.
+    """
+
+    def __init__(self, message: str, *, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = message if detail is None else detail
 
 
 class SandboxUnavailable(BottleError):
-    pass
+    """bwrap is missing; ``str(exc)`` is a fixed sentence."""
+
+
+class GitFailed(BottleError):
+    """A host git command failed; ``str(exc)`` holds the last line of its (redacted) stderr."""
 
 
 class PushRefused(BottleError):
-    """The change holds a secret; nothing was pushed."""
+    """The secret scan found something; nothing was pushed. The findings' paths are redacted."""
 
     rpc_code = -32005
 
-    def __init__(self, message: str, findings: Sequence[Finding]) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, findings: Sequence[Finding], *, detail: str | None = None) -> None:
+        super().__init__(message, detail=detail)
         self.findings = list(findings)
 
 
 class PushFailed(BottleError):
+    """A push failed: ``str(exc)`` is a fixed sentence for the agent, ``detail`` the cause."""
+
     rpc_code = -32002
 
 
@@ -319,6 +353,8 @@ def git_env(auth: tuple[str, Secret] | None = None) -> dict[str, str]:
         "GIT_CONFIG_GLOBAL": "/dev/null",
         "GIT_TERMINAL_PROMPT": "0",
         "GIT_ASKPASS": "/bin/false",
+        # No git (host or sandbox) may fetch missing objects from a promisor remote on its own.
+        "GIT_NO_LAZY_FETCH": "1",
         "LC_ALL": "C",
     }
     if auth is not None:
@@ -371,40 +407,81 @@ async def run_git(
         await asyncio.shield(_kill_group(proc))
         raise
     if check and proc.returncode != 0:
-        message = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-        text = message[0]
-        for secret in redact:
-            text = text.replace(secret, "***")
-        raise BottleError(f"git {args[0] if args else ''} failed: {text}")
+        lines = redact_secrets(err.decode(errors="replace"), redact).strip().splitlines()
+        verb = args[0] if args else ""
+        raise GitFailed(
+            f"git {verb} failed: {(lines or [f'exit {proc.returncode}'])[-1]}",
+            detail=f"git {verb} exited {proc.returncode}: " + " | ".join(lines[-5:]),
+        )
     return out.decode(errors="replace").strip()
 
 
+def secret_forms(secrets: Iterable[str]) -> list[tuple[bytes, str]]:
+    """(bytes, kind) for each secret and, as defence in depth, its base64 (at the three
+    alignments it can take inside a longer encoded text) and hex encodings."""
+    forms: list[tuple[bytes, str]] = []
+    for secret in secrets:
+        raw = secret.encode(errors="surrogatepass")
+        if not raw:
+            continue
+        forms.append((raw, "forge credential"))
+        if len(raw) < 8:
+            continue  # short strings' encodings would match by chance
+        for pad in range(3):
+            encoded = base64.b64encode(b"\0" * pad + raw)
+            # Only the characters that depend on the secret's bytes alone.
+            start, end = -(-4 * pad // 3), 4 * (pad + len(raw)) // 3
+            for variant in (encoded, encoded.translate(bytes.maketrans(b"+/", b"-_"))):
+                forms.append((variant[start:end], "forge credential (base64)"))
+        forms += [(form, "forge credential (hex)") for form in (raw.hex().encode(), raw.hex().upper().encode())]
+    return forms
+
+
+def redact_secrets(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret, and each encoding of it ``secret_forms`` knows, as ``***``."""
+    present = sorted({s for s in secrets if s}, key=len, reverse=True)
+    for secret in present:
+        text = text.replace(secret, "***")
+    for form, kind in secret_forms(present):
+        if kind != "forge credential":  # the encodings are ASCII
+            text = text.replace(form.decode(), "***")
+    return text
+
+
 async def clone_workspace(dest: Path, *, clone_url: str, branch: str, git_user: str, token: Secret) -> None:
-    """Clone the forge's repository into ``dest`` with ``branch`` checked out: the forge's
-    branch of that name if there is one, else a new branch from the default branch."""
-    ws = str(dest)
-    # A fresh directory no agent has touched yet: safe to clone into with the token
-    # (given to this one process; the workspace's config never holds it).
-    await run_git(
-        [
-            "clone",
-            "-q",
-            "--no-tags",
-            "-c",
-            f"user.name={git_user}",
-            "-c",
-            f"user.email={git_user}@users.noreply.forgebottle",
-            clone_url,
-            ws,
-        ],
-        auth=(git_user, token),
-        redact=[token.reveal()],
-    )
-    existing = await run_git(["-C", ws, "rev-parse", "--verify", "-q", f"refs/remotes/origin/{branch}"], check=False)
-    if existing:
-        await run_git(["-C", ws, "checkout", "-q", "-b", branch, f"origin/{branch}"])
-    else:
-        await run_git(["-C", ws, "checkout", "-q", "-b", branch])
+    """Clone the forge's repository into ``dest`` (absent or empty) with ``branch`` checked out:
+    the forge's branch of that name if there is one, else a new branch from the default branch.
+
+    Git works in a fresh directory beside ``dest`` that no agent has seen (the token is given to
+    the clone alone; the config never holds it); the finished clone is then renamed into place.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=".clone-", dir=dest.parent))
+    try:
+        ws = str(staging / "workspace")
+        await run_git(
+            [
+                "clone",
+                "-q",
+                "--no-tags",
+                "-c",
+                f"user.name={git_user}",
+                "-c",
+                f"user.email={git_user}@users.noreply.forgebottle",
+                clone_url,
+                ws,
+            ],
+            auth=(git_user, token),
+            redact=[token.reveal()],
+        )
+        ref = f"refs/remotes/origin/{branch}"
+        existing = await run_git(["-C", ws, "rev-parse", "--verify", "-q", ref], check=False)
+        await run_git(["-C", ws, "checkout", "-q", "-b", branch, *([f"origin/{branch}"] if existing else [])])
+        try:
+            os.rename(ws, dest)  # replaces an empty directory, never a populated one
+        except OSError as exc:
+            raise BottleError(f"cannot put the clone in place of {dest}: {exc.strerror}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # -- processes ------------------------------------------------------------------------------
@@ -498,7 +575,8 @@ class Backend(abc.ABC):
         for directory in (paths.root, paths.home, paths.sidecar_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.chmod(directory, 0o700)
-        if (paths.workspace / ".git").exists():
+        dot_git = paths.workspace / ".git"
+        if dot_git.is_symlink() or dot_git.exists():  # whatever the agent made of it, never re-clone
             return
         await clone_workspace(
             paths.workspace, clone_url=ctx.clone_url, branch=ctx.branch, git_user=ctx.git_user, token=ctx.token
@@ -542,21 +620,25 @@ class Backend(abc.ABC):
         outlived the old process. Local agents ran under ``bwrap --die-with-parent``: nothing."""
 
     async def destroy(self, ctx: BottleContext) -> None:
-        shutil.rmtree(ctx.paths.workspace, ignore_errors=True)
-        shutil.rmtree(ctx.paths.mirror, ignore_errors=True)
-        shutil.rmtree(ctx.paths.outbox, ignore_errors=True)
+        """Remove what the bottle worked with; its run logs and prompts stay with its record."""
+        for directory in (ctx.paths.workspace, ctx.paths.home, ctx.paths.mirror, ctx.paths.outbox):
+            remove_tree(directory)
         shutil.rmtree(ctx.paths.sidecar_dir, ignore_errors=True)
 
     # -- push -------------------------------------------------------------------------
 
-    async def bundle(self, ctx: BottleContext) -> tuple[str, Path | None]:
-        """Run ``git bundle`` in the sandbox; return the HEAD sha and the bundle (None if nothing new)."""
+    async def bundle(self, ctx: BottleContext, incoming: Path) -> tuple[str, Path | None]:
+        """Run ``git bundle`` in the sandbox; return the HEAD sha and a host-owned copy of the
+        bundle in ``incoming`` (None if the sandbox left none).
+
+        The copy is checked to start as a bundle does; its content is the agent's to choose.
+        """
         outbox = ctx.paths.outbox
-        shutil.rmtree(outbox, ignore_errors=True)
+        remove_tree(outbox)
         outbox.mkdir(parents=True, mode=0o700)
         script = (
-            "git rev-parse --verify HEAD > /run/outbox/head || exit 3; "
-            "git bundle create -q /run/outbox/push.bundle HEAD --not --remotes=origin 2>/run/outbox/err || true"
+            "git rev-parse --verify HEAD > /run/outbox/head 2>/run/outbox/err || exit 3; "
+            "git bundle create -q /run/outbox/push.bundle HEAD --not --remotes=origin 2>>/run/outbox/err || true"
         )
         if ctx.sandboxed:
             if ctx.bwrap is None:
@@ -584,51 +666,124 @@ class Backend(abc.ABC):
             cwd=str(cwd) if cwd else None,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
         )
         try:
-            await asyncio.wait_for(proc.communicate(), GIT_TIMEOUT)
+            await asyncio.wait_for(proc.wait(), GIT_TIMEOUT)
         except TimeoutError:
             proc.kill()
-            raise PushFailed("making the bundle timed out") from None
+            await proc.wait()
+            raise PushFailed("making the bundle timed out", detail=f"git bundle ran over {GIT_TIMEOUT:.0f}s") from None
         head = _sandbox_output(outbox / "head", limit=128)
         sha = head.decode(errors="replace").strip() if head is not None else ""
         if proc.returncode != 0 or not re.fullmatch(r"[0-9a-f]{40}", sha):
-            raise PushFailed("the workspace has no commit to push")
-        bundle = outbox / "push.bundle"
-        if _sandbox_output(bundle, limit=0) is None:
+            err = _sandbox_output(outbox / "err", limit=2048) or b""
+            raise PushFailed(
+                "the workspace has no commit to push",
+                detail=f"bundle sandbox exited {proc.returncode}: {err.decode(errors='replace').strip()}",
+            )
+        copy = _copy_out(outbox / "push.bundle", incoming / "push.bundle", limit=MAX_BUNDLE_BYTES)
+        if copy is None:
             return sha, None
-        return sha, bundle
+        with open(copy, "rb") as f:
+            signature = f.read(len(BUNDLE_SIGNATURES[0]))
+        if signature not in BUNDLE_SIGNATURES:
+            raise PushFailed("the workspace did not yield a git bundle", detail=f"bundle starts {signature[:16]!r}")
+        return sha, copy
 
     async def push(self, ctx: BottleContext, *, forbidden: Sequence[str]) -> PushResult:
+        """Push the workspace HEAD to the bottle's branch, after the secret scan.
+
+        Raises PushFailed, PushRefused or SandboxUnavailable only, each safe to show the agent
+        (see the module docstring); their ``detail`` is redacted of the token and ``forbidden``.
+        """
+        secrets = [ctx.token.reveal(), *forbidden]
+        try:
+            return await self._push(ctx, list(forbidden))
+        except BottleError as exc:
+            detail = redact_secrets(exc.detail, secrets)
+            if isinstance(exc, (PushFailed, PushRefused, SandboxUnavailable)):
+                exc.detail = detail
+                raise
+            raise PushFailed("the push failed; the operator's log says why", detail=detail) from None
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = redact_secrets(f"{type(exc).__name__}: {exc}", secrets)
+            raise PushFailed("the push failed; the operator's log says why", detail=detail) from None
+
+    async def _push(self, ctx: BottleContext, forbidden: Sequence[str]) -> PushResult:
         auth = (ctx.git_user, ctx.token)
         redact = [ctx.token.reveal()]
-        mirror = await self.sync_mirror(ctx)
-        sha, bundle = await self.bundle(ctx)
-        if not await _git_ok(["-C", mirror, "cat-file", "-e", f"{sha}^{{commit}}"]):
-            if bundle is None:
-                raise PushFailed("the bundle from the workspace is empty")
-            await run_git(
-                ["-C", mirror, "fetch", "-q", "--no-tags", str(bundle), f"+HEAD:refs/forgebottle/{ctx.branch}"]
-            )
-            fetched = await run_git(["-C", mirror, "rev-parse", f"refs/forgebottle/{ctx.branch}"])
-            if fetched != sha:
-                raise PushFailed("the bundle does not hold the workspace HEAD")
+        async with _stage("the forge's repository could not be fetched; try again later"):
+            mirror = await self.sync_mirror(ctx)
+        with tempfile.TemporaryDirectory(prefix="incoming-", dir=ctx.paths.root) as incoming:
+            sha, bundle = await self.bundle(ctx, Path(incoming))
+            if not await _git_ok(["-C", mirror, "cat-file", "-e", f"{sha}^{{commit}}"]):
+                if bundle is None:
+                    raise PushFailed("the bundle from the workspace is empty")
+                async with _stage("the bundle does not apply to the forge's history (is origin current?)"):
+                    await run_git(["-C", mirror, "bundle", "verify", "-q", str(bundle)])
+                async with _stage("the commits could not be taken from the bundle"):
+                    await run_git(
+                        ["-C", mirror, "fetch", "-q", "--no-tags", str(bundle), f"+HEAD:refs/forgebottle/{ctx.branch}"]
+                    )
+                    fetched = await run_git(["-C", mirror, "rev-parse", f"refs/forgebottle/{ctx.branch}"])
+                if fetched != sha:
+                    raise PushFailed("the bundle does not hold the workspace HEAD")
         base = await run_git(
             ["-C", mirror, "rev-parse", "--verify", "-q", f"refs/heads/{ctx.default_branch}"], check=False
         )
         findings, scanned = await asyncio.to_thread(scan_change, ctx.paths.mirror, base, sha, list(forbidden))
         if findings:
             where = ", ".join(str(f) for f in findings[:5])
-            raise PushRefused(f"secret found in {where}; nothing was pushed", findings)
+            more = f" and {len(findings) - 5} more" if len(findings) > 5 else ""
+            raise PushRefused(f"the secret scan refused the push: {where}{more}; nothing was pushed", findings)
         remote = await run_git(["-C", mirror, "rev-parse", "--verify", "-q", f"refs/heads/{ctx.branch}"], check=False)
         if remote == sha:
             return PushResult(ctx.branch, sha, scanned, pushed=False)
         lease = f"--force-with-lease=refs/heads/{ctx.branch}:{remote}"
-        await run_git(
-            ["-C", mirror, "push", "-q", lease, "origin", f"{sha}:refs/heads/{ctx.branch}"], auth=auth, redact=redact
-        )
+        async with _stage("the forge did not take the push (did the branch move?); try again later"):
+            await run_git(
+                ["-C", mirror, "push", "-q", lease, "origin", f"{sha}:refs/heads/{ctx.branch}"],
+                auth=auth,
+                redact=redact,
+            )
         return PushResult(ctx.branch, sha, scanned, pushed=True)
+
+
+@contextlib.asynccontextmanager
+async def _stage(message: str) -> AsyncIterator[None]:
+    """A failure of this stage of the push, as PushFailed(message) with git's words as detail."""
+    try:
+        yield
+    except GitFailed as exc:
+        raise PushFailed(message, detail=exc.detail) from None
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory tree an agent wrote, including directories it made unreadable."""
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.lexists(path):
+        return
+    for root, dirs, _ in os.walk(path):  # top-down: each directory is opened up before it is listed
+        for name in dirs:
+            full = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                if stat.S_ISDIR(os.lstat(full).st_mode):  # never chmod through a link
+                    os.chmod(full, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _open_regular(path: Path) -> int | None:
+    """A descriptor on ``path`` if it is a non-empty regular file, never through a link or FIFO."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _sandbox_output(path: Path, *, limit: int) -> bytes | None:
@@ -637,17 +792,32 @@ def _sandbox_output(path: Path, *, limit: int) -> bytes | None:
     Whatever ran in the sandbox could have left a symlink (to a secret) or a FIFO (to hang us)
     in its place: never follow one.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
+    fd = _open_regular(path)
+    if fd is None:
         return None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
-            return None
         return os.read(fd, limit)
     finally:
         os.close(fd)
+
+
+def _copy_out(source: Path, dest: Path, *, limit: int) -> Path | None:
+    """Copy a file the sandbox wrote to ``dest`` (new, 0600) in bounded chunks; None if there is
+    no non-empty regular file at ``source``. PushFailed past ``limit`` bytes."""
+    fd = _open_regular(source)
+    if fd is None:
+        return None
+    try:
+        with open(dest, "xb", opener=lambda p, flags: os.open(p, flags, 0o600)) as out:
+            copied = 0
+            while chunk := os.read(fd, COPY_CHUNK):
+                copied += len(chunk)
+                if copied > limit:
+                    raise PushFailed(f"the bundle is over the limit of {limit} bytes; nothing was pushed")
+                out.write(chunk)
+    finally:
+        os.close(fd)
+    return dest
 
 
 async def _git_ok(args: Sequence[str]) -> bool:
@@ -657,53 +827,182 @@ async def _git_ok(args: Sequence[str]) -> bool:
     return await proc.wait() == 0
 
 
-def scan_change(mirror: Path, base: str, sha: str, forbidden: Sequence[str]) -> tuple[list[Finding], int]:
-    """Scan the files the change adds or modifies (base...sha) and its commit messages.
+# -- the secret scan ----------------------------------------------------------------------------
 
-    detect-secrets finds the usual suspects; any of ``forbidden`` (the forge token, the webhook
-    secret) anywhere in an added file or a message is always a finding.
+
+def _over_limit(where: str, limit: int, unit: str = "bytes") -> Finding:
+    return Finding(where, 0, f"over the scan limit of {limit} {unit}; not pushed")
+
+
+def _shown(name: bytes, secrets: Sequence[str]) -> str:
+    """A path as a finding may show it to the agent: text, printable, short, no secret in it."""
+    text = redact_secrets(name.decode(errors="replace"), secrets)
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= 200 else text[:200] + "…"
+
+
+def _matches(data: bytes, forms: Sequence[tuple[bytes, str]]) -> list[tuple[int, str]]:
+    """(line, kind) for each secret form in ``data``; encodings also across line breaks."""
+    found: list[tuple[int, str]] = []
+    joined: bytes | None = None
+    for form, kind in forms:
+        at = data.find(form)
+        if at >= 0:
+            found.append((data.count(b"\n", 0, at) + 1, kind))
+        elif kind != "forge credential":
+            if joined is None:
+                joined = re.sub(rb"\s+", b"", data)
+            if form in joined:
+                found.append((0, kind))
+    return found
+
+
+class _Scanner:
+    """Findings of one scan: the secret forms, and detect-secrets run on files in a temp dir."""
+
+    def __init__(self, tmp: str, forbidden: Sequence[str]) -> None:
+        from detect_secrets.core.secrets_collection import SecretsCollection
+
+        self.tmp = tmp
+        self.forbidden = [s for s in forbidden if s]
+        self.forms = secret_forms(self.forbidden)
+        self.collection = SecretsCollection(root=tmp)
+        self.count = 0
+        self.findings: set[Finding] = set()
+
+    def name(self, where: str, name: bytes) -> None:
+        """A path, or an identity: only the secrets' forms are searched for."""
+        for _, kind in _matches(name, self.forms):
+            self.findings.add(Finding(where, 0, kind))
+
+    def content(self, where: str, data: bytes) -> None:
+        if len(data) > MAX_SCAN_BYTES:
+            self.findings.add(_over_limit(where, MAX_SCAN_BYTES))
+            return
+        for line, kind in _matches(data, self.forms):
+            self.findings.add(Finding(where, line, kind))
+        self.count += 1
+        local = Path(self.tmp) / str(self.count)
+        local.write_bytes(data)
+        self.collection.scan_file(str(local))
+        for found in self.collection.data.get(str(local), set()):
+            self.findings.add(Finding(where, int(found.line_number), str(found.type)))
+        local.unlink()
+
+    def result(self) -> list[Finding]:
+        return sorted(self.findings, key=lambda f: (f.file, f.line, f.type))
+
+
+def scan_text(text: str, forbidden: Sequence[str], *, where: str) -> list[Finding]:
+    """Findings in an agent-written body (a comment, a description): the push scan's rules."""
+    from detect_secrets.settings import default_settings
+
+    with tempfile.TemporaryDirectory(prefix="forgebottle-scan-") as tmp, default_settings():
+        scanner = _Scanner(tmp, forbidden)
+        scanner.content(where, text.encode(errors="surrogatepass"))
+        return scanner.result()
+
+
+class _Objects:
+    """``git cat-file --batch-command`` on the mirror: objects read one at a time, by size."""
+
+    def __init__(self, mirror: Path) -> None:
+        self.proc = subprocess.Popen(
+            ["git", "-C", str(mirror), "cat-file", "--batch-command"],
+            env=git_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+
+    def read(self, oid: str, limit: int) -> bytes | None:
+        """The object's content, or None if it is over ``limit`` bytes."""
+        self.stdin.write(f"info {oid}\n".encode())
+        self.stdin.flush()
+        header = self.stdout.readline().split()
+        if len(header) != 3:
+            raise BottleError(f"scan: cannot read object {oid}")
+        if int(header[2]) > limit:
+            return None
+        self.stdin.write(f"contents {oid}\n".encode())
+        self.stdin.flush()
+        size = int(self.stdout.readline().split()[2])
+        data = self.stdout.read(size + 1)[:size]
+        return data
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.stdin.close()
+        try:
+            self.proc.wait(timeout=GIT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.stdout.close()
+
+
+def _changed(git: Callable[..., bytes], commit: str) -> list[tuple[str, bytes]]:
+    """(blob id, path) of each file ``commit`` adds or changes, against each parent."""
+    raw = git("diff-tree", "-r", "-z", "-m", "--root", "--no-renames", "--no-commit-id", "--diff-filter=d", commit)
+    fields = raw.split(b"\0")
+    out = []
+    for meta, path in zip(fields[0::2], fields[1::2], strict=False):
+        parts = meta.split()
+        if len(parts) >= 4 and parts[1] != b"160000":  # a submodule's commit is not ours to read
+            out.append((parts[3].decode(), path))
+    return out
+
+
+def scan_change(mirror: Path, base: str, sha: str, forbidden: Sequence[str]) -> tuple[list[Finding], int]:
+    """Scan every commit of ``base..sha`` as it would reach the forge: (findings, files scanned).
+
+    Each commit's object (author, committer, message) and every file it adds or changes, at
+    every path, intermediate commits included. detect-secrets finds the usual suspects; any of
+    ``forbidden`` (the forge token, the webhook secret), or its base64 or hex, is a finding.
+    What the scan cannot read whole (over MAX_SCAN_BYTES, MAX_SCAN_FILES, MAX_SCAN_COMMITS) is
+    a finding too, never skipped.
     """
-    from detect_secrets.core.secrets_collection import SecretsCollection
     from detect_secrets.settings import default_settings
 
     def git(*args: str) -> bytes:
-        return subprocess.run(
-            ["git", "-C", str(mirror), *args], env=git_env(), capture_output=True, check=True, timeout=GIT_TIMEOUT
-        ).stdout
+        try:
+            return subprocess.run(
+                ["git", "-C", str(mirror), *args], env=git_env(), capture_output=True, check=True, timeout=GIT_TIMEOUT
+            ).stdout
+        except subprocess.CalledProcessError as exc:
+            raise BottleError(f"scan: git {args[0]} failed", detail=exc.stderr.decode(errors="replace")) from None
 
-    spec = f"{base}...{sha}" if base else sha
-    names = (
-        [
-            n
-            for n in git("diff", "--name-only", "-z", "--diff-filter=AMCR", "--no-renames", spec)
-            .decode(errors="replace")
-            .split("\0")
-            if n
-        ]
-        if base
-        else [n for n in git("ls-tree", "-r", "-z", "--name-only", sha).decode(errors="replace").split("\0") if n]
-    )
-    findings: list[Finding] = []
-    messages = git("log", "--format=%B", f"{base}..{sha}" if base else sha).decode(errors="replace")
-    for secret in forbidden:
-        if secret and secret in messages:
-            findings.append(Finding("(commit message)", 0, "forge credential"))
-    with tempfile.TemporaryDirectory(prefix="forgebottle-scan-") as tmp, default_settings():
-        collection = SecretsCollection(root=tmp)
-        for index, name in enumerate(names[:MAX_SCAN_FILES]):
-            blob = git("cat-file", "blob", f"{sha}:{name}")[:MAX_SCAN_BYTES]
-            text = blob.decode(errors="replace")
-            for secret in forbidden:
-                if secret and secret in text:
-                    line = text[: text.index(secret)].count("\n") + 1
-                    findings.append(Finding(name, line, "forge credential"))
-            local = Path(tmp) / str(index)
-            local.write_bytes(blob)
-            collection.scan_file(str(local))
-            for found in collection.data.get(str(local), set()):
-                findings.append(Finding(name, int(found.line_number), str(found.type)))
-    findings.sort(key=lambda f: (f.file, f.line, f.type))
-    return findings, min(len(names), MAX_SCAN_FILES)
+    commits = git("rev-list", "--reverse", sha, *([f"^{base}"] if base else [])).decode().split()
+    if len(commits) > MAX_SCAN_COMMITS:
+        return [_over_limit("(change)", MAX_SCAN_COMMITS, "commits")], 0
+    objects = _Objects(mirror)
+    scanned: dict[str, bytes] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="forgebottle-scan-") as tmp, default_settings():
+            scanner = _Scanner(tmp, forbidden)
+            for commit in commits:
+                where = f"(commit {commit[:12]})"
+                body = objects.read(commit, MAX_SCAN_BYTES)
+                if body is None:
+                    scanner.findings.add(_over_limit(where, MAX_SCAN_BYTES))
+                else:
+                    scanner.content(where, body)
+                for blob, path in _changed(git, commit):
+                    shown = _shown(path, scanner.forbidden)
+                    scanner.name(shown, path)
+                    if blob in scanned:
+                        continue
+                    scanned[blob] = path
+                    if len(scanned) > MAX_SCAN_FILES:
+                        scanner.findings.add(_over_limit("(change)", MAX_SCAN_FILES, "files"))
+                        return scanner.result(), MAX_SCAN_FILES
+                    data = objects.read(blob, MAX_SCAN_BYTES)
+                    scanner.content(shown, data if data is not None else b"\0" * (MAX_SCAN_BYTES + 1))
+            return scanner.result(), len(scanned)
+    finally:
+        objects.close()
 
 
 class LocalBackend(Backend):
