@@ -231,3 +231,95 @@ def test_another_bottles_unpushed_work_never_moves(
     assert answer["error"]["code"] == -32002, answer
     assert not in_mirror and not on_forge and found == []
     assert branches == ["", ""]
+
+
+# Five ways around the old scan, each pushed from the same start: a key committed and removed
+# again, a key as a file name, in the author, in the committer (with the message carrying it
+# base64-encoded), and after 2 MiB of padding.
+EVASIVE_AGENT = (
+    "#!/bin/sh\n"
+    + RPC
+    + r"""
+set -u
+base=$(git rev-parse HEAD)
+try() {
+  git reset -q --hard "$base"
+  "$@"
+  printf '%s ' "$1" >> "$HOME/answers.txt"
+  rpc push | tr -d '\n' >> "$HOME/answers.txt"
+  echo >> "$HOME/answers.txt"
+}
+intermediate() {
+  echo "$LEAKED" > notes.txt && git add notes.txt && git commit -q -m "notes"
+  git rm -q notes.txt && git commit -q -m "tidy"
+}
+file_name() {
+  echo hello > "$LEAKED.txt" && git add . && git commit -q -m "a file"
+}
+author() {
+  echo a > a.txt && git add a.txt && GIT_AUTHOR_NAME="$LEAKED" git commit -q -m "by someone"
+}
+committer() {
+  echo c > c.txt && git add c.txt
+  GIT_COMMITTER_EMAIL="$LEAKED@example.com" git commit -q -m "note $(printf %s "$LEAKED" | base64)"
+}
+padding() {
+  head -c $((2 * 1024 * 1024 + 10)) /dev/zero | tr '\0' a > big.txt
+  printf '\n%s\n' "$LEAKED" >> big.txt
+  git add big.txt && git commit -q -m "data"
+}
+for evasion in intermediate file_name author committer padding; do try "$evasion"; done
+forge done failure "evaded"
+"""
+)
+
+
+def test_the_scan_is_not_evaded(rig_factory: Callable[..., Rig], figures: Callable[..., None]) -> None:
+    rig = rig_factory(scripts={"evasive": EVASIVE_AGENT})
+    token = rig.forge.world.bot.token
+    rig.agent_env = {"LEAKED": token}  # as if it had leaked: the agent knows the token
+    rig.start()
+    issue, state = rig.run_once(agent="evasive")
+    answers = {}
+    for line in read_when(rig.home(state.slug) / "answers.txt").splitlines():
+        name, _, answer = line.partition(" ")
+        answers[name] = json.loads(answer)
+    refused = {name for name, answer in answers.items() if answer.get("error", {}).get("code") == -32005}
+    echoed = [name for name, answer in answers.items() if token in json.dumps(answer)]
+    dev = rig.forge.dev
+    branch = dev.branch_sha(dev.repo(rig.forge.owner, rig.forge.repo), f"bot-bottle/issue-{issue.number}")
+    figures("scan-evasions", tried=len(answers), refused=len(refused), echoed=len(echoed), pushed=int(bool(branch)))
+    assert set(answers) == {"intermediate", "file_name", "author", "committer", "padding"}
+    assert refused == set(answers), answers
+    assert "over the scan limit" in answers["padding"]["error"]["message"]
+    assert echoed == [] and branch == ""
+
+
+# What the agent leaves in its home, including a directory it made unreadable.
+LOCKING_AGENT = r"""#!/bin/sh
+mkdir -p "$HOME/cache/locked/deeper"
+echo kept > "$HOME/cache/locked/deeper/file"
+chmod 000 "$HOME/cache/locked"
+exec /bin/sh /opt/forgebottle/bin/happy-agent
+"""
+
+
+def test_destroy_removes_home_and_keeps_the_record(
+    rig_factory: Callable[..., Rig], figures: Callable[..., None]
+) -> None:
+    rig = rig_factory(scripts={"locking": LOCKING_AGENT}).start()
+    issue, state = rig.run_once(agent="locking")
+    bottle = rig.state_dir / "bottles" / state.slug
+    assert (bottle / "home" / "cache" / "locked").exists() and state.pr_number
+    rig.forge.dev.merge_pr(rig.forge.owner, rig.forge.repo, state.pr_number, user=rig.forge.world.member.login)
+    gone = rig.wait_state(issue.number, BottleState.DESTROYED)
+    left = sorted(p.name for p in bottle.iterdir())
+    figures(
+        "destroy",
+        home=int(os.path.lexists(bottle / "home")),
+        workspace=int((bottle / "workspace").exists()),
+        kept=len(left),
+    )
+    assert not os.path.lexists(bottle / "home") and not (bottle / "workspace").exists()
+    assert gone.slug == state.slug and rig.store.runs(state.slug)
+    assert left == ["prompt-1.md", "run-1.log"]
