@@ -687,7 +687,11 @@ class Backend(abc.ABC):
             return sha, None
         with open(copy, "rb") as f:
             signature = f.read(len(BUNDLE_SIGNATURES[0]))
-        if signature not in BUNDLE_SIGNATURES:
+            # v3's capabilities follow the signature; a filter would make the mirror a partial clone.
+            filtered = False
+            while (line := f.readline(4096)).startswith(b"@"):
+                filtered = filtered or line.startswith(b"@filter")
+        if signature not in BUNDLE_SIGNATURES or filtered:
             raise PushFailed("the workspace did not yield a git bundle", detail=f"bundle starts {signature[:16]!r}")
         return sha, copy
 
@@ -706,7 +710,7 @@ class Backend(abc.ABC):
                 exc.detail = detail
                 raise
             raise PushFailed("the push failed; the operator's log says why", detail=detail) from None
-        except (OSError, subprocess.SubprocessError) as exc:
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
             detail = redact_secrets(f"{type(exc).__name__}: {exc}", secrets)
             raise PushFailed("the push failed; the operator's log says why", detail=detail) from None
 
@@ -842,17 +846,20 @@ def _shown(name: bytes, secrets: Sequence[str]) -> str:
 
 
 def _matches(data: bytes, forms: Sequence[tuple[bytes, str]]) -> list[tuple[int, str]]:
-    """(line, kind) for each secret form in ``data``; encodings also across line breaks."""
+    """(line, kind) for each secret form in ``data``: the secret and its hex in either case,
+    base64 as is; the encodings also across line breaks (``base64`` wraps its output)."""
     found: list[tuple[int, str]] = []
+    folded = data.lower()
     joined: bytes | None = None
     for form, kind in forms:
-        at = data.find(form)
+        exact = not kind.endswith("(base64)")
+        at = folded.find(form.lower()) if exact else data.find(form)
         if at >= 0:
             found.append((data.count(b"\n", 0, at) + 1, kind))
         elif kind != "forge credential":
             if joined is None:
                 joined = re.sub(rb"\s+", b"", data)
-            if form in joined:
+            if (form.lower() in joined.lower()) if exact else (form in joined):
                 found.append((0, kind))
     return found
 
@@ -978,7 +985,7 @@ def scan_change(mirror: Path, base: str, sha: str, forbidden: Sequence[str]) -> 
     if len(commits) > MAX_SCAN_COMMITS:
         return [_over_limit("(change)", MAX_SCAN_COMMITS, "commits")], 0
     objects = _Objects(mirror)
-    scanned: dict[str, bytes] = {}
+    scanned: set[str] = set()
     try:
         with tempfile.TemporaryDirectory(prefix="forgebottle-scan-") as tmp, default_settings():
             scanner = _Scanner(tmp, forbidden)
@@ -994,12 +1001,15 @@ def scan_change(mirror: Path, base: str, sha: str, forbidden: Sequence[str]) -> 
                     scanner.name(shown, path)
                     if blob in scanned:
                         continue
-                    scanned[blob] = path
+                    scanned.add(blob)
                     if len(scanned) > MAX_SCAN_FILES:
                         scanner.findings.add(_over_limit("(change)", MAX_SCAN_FILES, "files"))
                         return scanner.result(), MAX_SCAN_FILES
                     data = objects.read(blob, MAX_SCAN_BYTES)
-                    scanner.content(shown, data if data is not None else b"\0" * (MAX_SCAN_BYTES + 1))
+                    if data is None:
+                        scanner.findings.add(_over_limit(shown, MAX_SCAN_BYTES))
+                    else:
+                        scanner.content(shown, data)
             return scanner.result(), len(scanned)
     finally:
         objects.close()
