@@ -122,6 +122,10 @@ class PushRefused(BottleError):
         self.findings = list(findings)
 
 
+class TextRefused(PushRefused):
+    """An agent-written body (a comment, a description) holds a secret; nothing was posted."""
+
+
 class PushFailed(BottleError):
     """A push failed: ``str(exc)`` is a fixed sentence for the agent, ``detail`` the cause."""
 
@@ -908,6 +912,14 @@ def scan_text(text: str, forbidden: Sequence[str], *, where: str) -> list[Findin
         scanner = _Scanner(tmp, forbidden)
         scanner.content(where, text.encode(errors="surrogatepass"))
         return scanner.result()
+
+
+def check_text(text: str, forbidden: Sequence[str], *, where: str) -> None:
+    """Raise TextRefused (-32005) if ``scan_text`` finds anything in an agent-written body."""
+    findings = scan_text(text, forbidden, where=where)
+    if findings:
+        kinds = ", ".join(sorted({f.type for f in findings}))
+        raise TextRefused(f"the secret scan refused the {where} ({kinds}); nothing was posted", findings)
 
 
 class _Objects:

@@ -20,8 +20,10 @@ from bottles import (
     MAX_SCAN_BYTES,
     GitFailed,
     PushFailed,
+    TextRefused,
     _copy_out,
     _sandbox_output,
+    check_text,
     git_env,
     redact_secrets,
     run_git,
@@ -129,6 +131,10 @@ def test_scan_text_finds_the_secret_however_it_is_dressed() -> None:
     assert [f.type for f in huge] == [f"over the scan limit of {MAX_SCAN_BYTES} bytes; not pushed"]
     assert redact_secrets(f"x {TOKEN.upper()} {raw.hex()} {TOKEN} y", [TOKEN]).count("***") >= 2
     assert TOKEN not in redact_secrets(f"fatal: not our ref {TOKEN}", [TOKEN])
+    with pytest.raises(TextRefused) as refused:
+        check_text(dressed["base64+1"], [TOKEN], where="comment")
+    assert refused.value.rpc_code == -32005 and TOKEN not in str(refused.value) and refused.value.findings
+    check_text("nothing to see", [TOKEN], where="comment")
 
 
 def _git(repo: Path, *args: str, **env: str) -> str:
