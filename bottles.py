@@ -19,12 +19,19 @@ directory with the token in reach would hand the token to the agent. So the host
 With ``sandbox = "none"`` the agent runs as forgebottle's own user and ``git bundle`` runs in its
 workspace on the host: that bottle is trusted, not contained.
 
-Errors. ``str(exc)`` of a BottleError says what failed; ``exc.detail`` is what the operator's
-log gets. The errors ``Backend.push`` raises promise more, because the sidecar sends them to the
-agent: PushFailed (-32002) and SandboxUnavailable carry a fixed sentence, with no git or forge
-text, no host path and no secret; PushRefused (-32005) names findings whose paths are redacted.
-Their ``detail`` (git's stderr, the stage that failed) is redacted of every secret the push
-was given: log it, never send it.
+Errors. Every error has ``str(exc)``, what failed, and ``exc.detail``, what the operator's log
+gets (by default the same)::
+
+    BottleError                 preparing, starting, removing a bottle (str may hold git's words)
+    ├── GitFailed               a host git command failed (stderr redacted of what it was given)
+    ├── SandboxUnavailable      bwrap is missing (fixed sentence)
+    ├── PushFailed     -32002   fixed sentence
+    └── PushRefused    -32005   the scan's findings, their paths redacted
+        └── TextRefused -32005  the same, for a comment or description (``check_text``)
+
+``Backend.push`` raises only the last four. Their ``str(exc)`` is safe to send to the agent: no
+git or forge text, no host path, no secret. Their ``detail`` (git's stderr, the stage that
+failed) is redacted of every secret the push was given: log it, never send it.
 """
 
 from __future__ import annotations
@@ -412,7 +419,9 @@ async def run_git(
         raise
     if check and proc.returncode != 0:
         lines = redact_secrets(err.decode(errors="replace"), redact).strip().splitlines()
-        verb = args[0] if args else ""
+        # The subcommand: the first word that is neither an option nor the value of -C or -c.
+        pairs = zip(args, ["", *args], strict=False)
+        verb = next((a for a, before in pairs if not a.startswith("-") and before not in ("-C", "-c")), "")
         raise GitFailed(
             f"git {verb} failed: {(lines or [f'exit {proc.returncode}'])[-1]}",
             detail=f"git {verb} exited {proc.returncode}: " + " | ".join(lines[-5:]),
