@@ -9,8 +9,29 @@ directory with the token in reach would hand the token to the agent. So the host
 * each bottle has a **mirror** (``mirror.git``), made at the first push, that only forgebottle
   writes and the only repository it runs git in once the agent has run;
 * to push, ``git bundle`` runs *inside the sandbox* (no network, no token) and writes a bundle
-  file; the mirror fetches that file (a pack, verified with fsck), scans the change for secrets,
-  and pushes the commit to ``bot-bottle/issue-<N>``.
+  file. What the sandbox leaves is the agent's: forgebottle copies the bytes (never through a
+  link, at most MAX_BUNDLE_BYTES) into a directory the sandbox never saw, checks the bundle
+  header and ``git bundle verify``s the copy in the mirror, and only then fetches it: a file
+  that is not a bundle (a gitfile naming a repository the agent built) never reaches host git.
+  The mirror then scans every commit of the change for secrets and pushes the commit to
+  ``bot-bottle/issue-<N>``.
+
+With ``sandbox = "none"`` the agent runs as forgebottle's own user and ``git bundle`` runs in its
+workspace on the host: that bottle is trusted, not contained.
+
+Errors. Every error has ``str(exc)``, what failed, and ``exc.detail``, what the operator's log
+gets (by default the same)::
+
+    BottleError                 preparing, starting, removing a bottle (str may hold git's words)
+    ├── GitFailed               a host git command failed (stderr redacted of what it was given)
+    ├── SandboxUnavailable      bwrap is missing (fixed sentence)
+    ├── PushFailed     -32002   fixed sentence
+    └── PushRefused    -32005   the scan's findings, their paths redacted
+        └── TextRefused -32005  the same, for a comment or description (``check_text``)
+
+``Backend.push`` raises only the last four. Their ``str(exc)`` is safe to send to the agent: no
+git or forge text, no host path, no secret. Their ``detail`` (git's stderr, the stage that
+failed) is redacted of every secret the push was given: log it, never send it.
 """
 
 from __future__ import annotations
@@ -27,19 +48,22 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from config import AgentSpec, BottleSpec, Secret, system_binds
+from config import AgentSpec, BottleSpec, Secret, redact, system_binds
 from gitea import basic_auth_header, branch_for
+from scan import GIT_TIMEOUT, Finding, ScanFailed, plain_git_env, scan_change, scan_text
 from statemachine import ForgeBottleError
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the NUL
-GIT_TIMEOUT = 300.0
-MAX_SCAN_FILES = 2000
-MAX_SCAN_BYTES = 2 * 1024 * 1024
+# The scan refuses what it cannot read whole: past these bounds nothing is pushed.
+# The largest bundle the host copies out of the sandbox.
+MAX_BUNDLE_BYTES = 256 * 1024 * 1024
+COPY_CHUNK = 1024 * 1024
+BUNDLE_SIGNATURES = (b"# v2 git bundle\n", b"# v3 git bundle\n")
 MAX_RUN_LOG = 16 * 1024 * 1024
 
 # Inside the sandbox.
@@ -51,24 +75,41 @@ IN_OUTBOX = "/run/outbox"
 
 
 class BottleError(ForgeBottleError):
-    """A bottle could not be prepared, started, pushed from or removed."""
+    """A bottle could not be prepared, started, pushed from or removed.
+
+    ``detail`` is for the operator's log; it defaults to the message.
+    """
+
+    def __init__(self, message: str, *, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = message if detail is None else detail
 
 
 class SandboxUnavailable(BottleError):
-    pass
+    """bwrap is missing; ``str(exc)`` is a fixed sentence."""
+
+
+class GitFailed(BottleError):
+    """A host git command failed; ``str(exc)`` holds the last line of its (redacted) stderr."""
 
 
 class PushRefused(BottleError):
-    """The change holds a secret; nothing was pushed."""
+    """The secret scan found something; nothing was pushed. The findings' paths are redacted."""
 
     rpc_code = -32005
 
-    def __init__(self, message: str, findings: Sequence[Finding]) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, findings: Sequence[Finding], *, detail: str | None = None) -> None:
+        super().__init__(message, detail=detail)
         self.findings = list(findings)
 
 
+class TextRefused(PushRefused):
+    """An agent-written body (a comment, a description) holds a secret; nothing was posted."""
+
+
 class PushFailed(BottleError):
+    """A push failed: ``str(exc)`` is a fixed sentence for the agent, ``detail`` the cause."""
+
     rpc_code = -32002
 
 
@@ -163,16 +204,6 @@ class BottleContext:
 
 
 @dataclasses.dataclass(frozen=True)
-class Finding:
-    file: str
-    line: int
-    type: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line} ({self.type})"
-
-
-@dataclasses.dataclass(frozen=True)
 class PushResult:
     branch: str
     sha: str
@@ -236,15 +267,7 @@ def find_bwrap() -> str | None:
 
 
 def git_env(auth: tuple[str, Secret] | None = None) -> dict[str, str]:
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": "/nonexistent",
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CONFIG_GLOBAL": "/dev/null",
-        "GIT_TERMINAL_PROMPT": "0",
-        "GIT_ASKPASS": "/bin/false",
-        "LC_ALL": "C",
-    }
+    env = plain_git_env()
     if auth is not None:
         user, token = auth
         env.update(
@@ -269,7 +292,7 @@ async def run_git(
     auth: tuple[str, Secret] | None = None,
     check: bool = True,
     timeout: float = GIT_TIMEOUT,
-    redact: Sequence[str] = (),
+    hide: Sequence[str] = (),
 ) -> str:
     proc = await asyncio.create_subprocess_exec(
         "git",
@@ -295,40 +318,51 @@ async def run_git(
         await asyncio.shield(_kill_group(proc))
         raise
     if check and proc.returncode != 0:
-        message = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-        text = message[0]
-        for secret in redact:
-            text = text.replace(secret, "***")
-        raise BottleError(f"git {args[0] if args else ''} failed: {text}")
+        lines = redact(err.decode(errors="replace"), hide).strip().splitlines()
+        # The subcommand: the first word that is neither an option nor the value of -C or -c.
+        pairs = zip(args, ["", *args], strict=False)
+        verb = next((a for a, before in pairs if not a.startswith("-") and before not in ("-C", "-c")), "")
+        raise GitFailed(
+            f"git {verb} failed: {(lines or [f'exit {proc.returncode}'])[-1]}",
+            detail=f"git {verb} exited {proc.returncode}: " + " | ".join(lines[-5:]),
+        )
     return out.decode(errors="replace").strip()
 
 
 async def clone_workspace(dest: Path, *, clone_url: str, branch: str, git_user: str, token: Secret) -> None:
-    """Clone the forge's repository into ``dest`` with ``branch`` checked out: the forge's
-    branch of that name if there is one, else a new branch from the default branch."""
-    ws = str(dest)
-    # A fresh directory no agent has touched yet: safe to clone into with the token
-    # (given to this one process; the workspace's config never holds it).
-    await run_git(
-        [
-            "clone",
-            "-q",
-            "--no-tags",
-            "-c",
-            f"user.name={git_user}",
-            "-c",
-            f"user.email={git_user}@users.noreply.forgebottle",
-            clone_url,
-            ws,
-        ],
-        auth=(git_user, token),
-        redact=[token.reveal()],
-    )
-    existing = await run_git(["-C", ws, "rev-parse", "--verify", "-q", f"refs/remotes/origin/{branch}"], check=False)
-    if existing:
-        await run_git(["-C", ws, "checkout", "-q", "-b", branch, f"origin/{branch}"])
-    else:
-        await run_git(["-C", ws, "checkout", "-q", "-b", branch])
+    """Clone the forge's repository into ``dest`` (absent or empty) with ``branch`` checked out:
+    the forge's branch of that name if there is one, else a new branch from the default branch.
+
+    Git works in a fresh directory beside ``dest`` that no agent has seen (the token is given to
+    the clone alone; the config never holds it); the finished clone is then renamed into place.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=".clone-", dir=dest.parent))
+    try:
+        ws = str(staging / "workspace")
+        await run_git(
+            [
+                "clone",
+                "-q",
+                "--no-tags",
+                "-c",
+                f"user.name={git_user}",
+                "-c",
+                f"user.email={git_user}@users.noreply.forgebottle",
+                clone_url,
+                ws,
+            ],
+            auth=(git_user, token),
+            hide=[token.reveal()],
+        )
+        ref = f"refs/remotes/origin/{branch}"
+        existing = await run_git(["-C", ws, "rev-parse", "--verify", "-q", ref], check=False)
+        await run_git(["-C", ws, "checkout", "-q", "-b", branch, *([f"origin/{branch}"] if existing else [])])
+        try:
+            os.rename(ws, dest)  # replaces an empty directory, never a populated one
+        except OSError as exc:
+            raise BottleError(f"cannot put the clone in place of {dest}: {exc.strerror}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # -- processes ------------------------------------------------------------------------------
@@ -427,7 +461,8 @@ class Backend(abc.ABC):
         for directory in (paths.root, paths.home, paths.sidecar_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.chmod(directory, 0o700)
-        if (paths.workspace / ".git").exists():
+        dot_git = paths.workspace / ".git"
+        if dot_git.is_symlink() or dot_git.exists():  # whatever the agent made of it, never re-clone
             return
         await clone_workspace(
             paths.workspace, clone_url=ctx.clone_url, branch=ctx.branch, git_user=ctx.git_user, token=ctx.token
@@ -436,7 +471,7 @@ class Backend(abc.ABC):
     async def sync_mirror(self, ctx: BottleContext) -> str:
         """Create or refresh the bottle's mirror; its refs/heads are the forge's branches now."""
         auth = (ctx.git_user, ctx.token)
-        redact = [ctx.token.reveal()]
+        hide = [ctx.token.reveal()]
         mirror = str(ctx.paths.mirror)
         if not (ctx.paths.mirror / "HEAD").exists():
             await run_git(
@@ -453,11 +488,11 @@ class Backend(abc.ABC):
                     mirror,
                 ],
                 auth=auth,
-                redact=redact,
+                hide=hide,
             )
             await run_git(["-C", mirror, "config", "remote.origin.fetch", "+refs/heads/*:refs/heads/*"])
         else:
-            await run_git(["-C", mirror, "fetch", "-q", "--prune", "origin"], auth=auth, redact=redact)
+            await run_git(["-C", mirror, "fetch", "-q", "--prune", "origin"], auth=auth, hide=hide)
         return mirror
 
     @abc.abstractmethod
@@ -471,21 +506,25 @@ class Backend(abc.ABC):
         outlived the old process. Local agents ran under ``bwrap --die-with-parent``: nothing."""
 
     async def destroy(self, ctx: BottleContext) -> None:
-        shutil.rmtree(ctx.paths.workspace, ignore_errors=True)
-        shutil.rmtree(ctx.paths.mirror, ignore_errors=True)
-        shutil.rmtree(ctx.paths.outbox, ignore_errors=True)
+        """Remove what the bottle worked with; its run logs and prompts stay with its record."""
+        for directory in (ctx.paths.workspace, ctx.paths.home, ctx.paths.mirror, ctx.paths.outbox):
+            remove_tree(directory)
         shutil.rmtree(ctx.paths.sidecar_dir, ignore_errors=True)
 
     # -- push -------------------------------------------------------------------------
 
-    async def bundle(self, ctx: BottleContext) -> tuple[str, Path | None]:
-        """Run ``git bundle`` in the sandbox; return the HEAD sha and the bundle (None if nothing new)."""
+    async def bundle(self, ctx: BottleContext, incoming: Path) -> tuple[str, Path | None]:
+        """Run ``git bundle`` in the sandbox; return the HEAD sha and a host-owned copy of the
+        bundle in ``incoming`` (None if the sandbox left none).
+
+        The copy is checked to start as a bundle does; its content is the agent's to choose.
+        """
         outbox = ctx.paths.outbox
-        shutil.rmtree(outbox, ignore_errors=True)
+        remove_tree(outbox)
         outbox.mkdir(parents=True, mode=0o700)
         script = (
-            "git rev-parse --verify HEAD > /run/outbox/head || exit 3; "
-            "git bundle create -q /run/outbox/push.bundle HEAD --not --remotes=origin 2>/run/outbox/err || true"
+            "git rev-parse --verify HEAD > /run/outbox/head 2>/run/outbox/err || exit 3; "
+            "git bundle create -q /run/outbox/push.bundle HEAD --not --remotes=origin 2>>/run/outbox/err || true"
         )
         if ctx.sandboxed:
             if ctx.bwrap is None:
@@ -513,51 +552,131 @@ class Backend(abc.ABC):
             cwd=str(cwd) if cwd else None,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
         )
         try:
-            await asyncio.wait_for(proc.communicate(), GIT_TIMEOUT)
+            await asyncio.wait_for(proc.wait(), GIT_TIMEOUT)
         except TimeoutError:
             proc.kill()
-            raise PushFailed("making the bundle timed out") from None
+            await proc.wait()
+            raise PushFailed("making the bundle timed out", detail=f"git bundle ran over {GIT_TIMEOUT:.0f}s") from None
         head = _sandbox_output(outbox / "head", limit=128)
         sha = head.decode(errors="replace").strip() if head is not None else ""
         if proc.returncode != 0 or not re.fullmatch(r"[0-9a-f]{40}", sha):
-            raise PushFailed("the workspace has no commit to push")
-        bundle = outbox / "push.bundle"
-        if _sandbox_output(bundle, limit=0) is None:
+            err = _sandbox_output(outbox / "err", limit=2048) or b""
+            raise PushFailed(
+                "the workspace has no commit to push",
+                detail=f"bundle sandbox exited {proc.returncode}: {err.decode(errors='replace').strip()}",
+            )
+        copy = _copy_out(outbox / "push.bundle", incoming / "push.bundle", limit=MAX_BUNDLE_BYTES)
+        if copy is None:
             return sha, None
-        return sha, bundle
+        with open(copy, "rb") as f:
+            signature = f.read(len(BUNDLE_SIGNATURES[0]))
+            # v3's capabilities follow the signature; a filter would make the mirror a partial clone.
+            filtered = False
+            while (line := f.readline(4096)).startswith(b"@"):
+                filtered = filtered or line.startswith(b"@filter")
+        if signature not in BUNDLE_SIGNATURES or filtered:
+            raise PushFailed("the workspace did not yield a git bundle", detail=f"bundle starts {signature[:16]!r}")
+        return sha, copy
 
     async def push(self, ctx: BottleContext, *, forbidden: Sequence[str]) -> PushResult:
+        """Push the workspace HEAD to the bottle's branch, after the secret scan.
+
+        Raises PushFailed, PushRefused or SandboxUnavailable only, each safe to show the agent
+        (see the module docstring); their ``detail`` is redacted of the token and ``forbidden``.
+        """
+        secrets = [ctx.token.reveal(), *forbidden]
+        try:
+            return await self._push(ctx, list(forbidden))
+        except BottleError as exc:
+            detail = redact(exc.detail, secrets)
+            if isinstance(exc, (PushFailed, PushRefused, SandboxUnavailable)):
+                exc.detail = detail
+                raise
+            raise PushFailed("the push failed; the operator's log says why", detail=detail) from None
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            detail = redact(f"{type(exc).__name__}: {exc}", secrets)
+            raise PushFailed("the push failed; the operator's log says why", detail=detail) from None
+
+    async def _push(self, ctx: BottleContext, forbidden: Sequence[str]) -> PushResult:
         auth = (ctx.git_user, ctx.token)
-        redact = [ctx.token.reveal()]
-        mirror = await self.sync_mirror(ctx)
-        sha, bundle = await self.bundle(ctx)
-        if not await _git_ok(["-C", mirror, "cat-file", "-e", f"{sha}^{{commit}}"]):
-            if bundle is None:
-                raise PushFailed("the bundle from the workspace is empty")
-            await run_git(
-                ["-C", mirror, "fetch", "-q", "--no-tags", str(bundle), f"+HEAD:refs/forgebottle/{ctx.branch}"]
-            )
-            fetched = await run_git(["-C", mirror, "rev-parse", f"refs/forgebottle/{ctx.branch}"])
-            if fetched != sha:
-                raise PushFailed("the bundle does not hold the workspace HEAD")
+        hide = [ctx.token.reveal()]
+        async with _stage("the forge's repository could not be fetched; try again later"):
+            mirror = await self.sync_mirror(ctx)
+        with tempfile.TemporaryDirectory(prefix="incoming-", dir=ctx.paths.root) as incoming:
+            sha, bundle = await self.bundle(ctx, Path(incoming))
+            if not await _git_ok(["-C", mirror, "cat-file", "-e", f"{sha}^{{commit}}"]):
+                if bundle is None:
+                    raise PushFailed("the bundle from the workspace is empty")
+                async with _stage("the bundle does not apply to the forge's history (is origin current?)"):
+                    await run_git(["-C", mirror, "bundle", "verify", "-q", str(bundle)])
+                async with _stage("the commits could not be taken from the bundle"):
+                    await run_git(
+                        ["-C", mirror, "fetch", "-q", "--no-tags", str(bundle), f"+HEAD:refs/forgebottle/{ctx.branch}"]
+                    )
+                    fetched = await run_git(["-C", mirror, "rev-parse", f"refs/forgebottle/{ctx.branch}"])
+                if fetched != sha:
+                    raise PushFailed("the bundle does not hold the workspace HEAD")
         base = await run_git(
             ["-C", mirror, "rev-parse", "--verify", "-q", f"refs/heads/{ctx.default_branch}"], check=False
         )
-        findings, scanned = await asyncio.to_thread(scan_change, ctx.paths.mirror, base, sha, list(forbidden))
+        try:
+            findings, scanned = await asyncio.to_thread(scan_change, ctx.paths.mirror, base, sha, list(forbidden))
+        except ScanFailed as exc:
+            raise PushFailed("the secret scan could not read the change", detail=exc.detail) from None
         if findings:
             where = ", ".join(str(f) for f in findings[:5])
-            raise PushRefused(f"secret found in {where}; nothing was pushed", findings)
+            more = f" and {len(findings) - 5} more" if len(findings) > 5 else ""
+            raise PushRefused(f"the secret scan refused the push: {where}{more}; nothing was pushed", findings)
         remote = await run_git(["-C", mirror, "rev-parse", "--verify", "-q", f"refs/heads/{ctx.branch}"], check=False)
         if remote == sha:
             return PushResult(ctx.branch, sha, scanned, pushed=False)
         lease = f"--force-with-lease=refs/heads/{ctx.branch}:{remote}"
-        await run_git(
-            ["-C", mirror, "push", "-q", lease, "origin", f"{sha}:refs/heads/{ctx.branch}"], auth=auth, redact=redact
-        )
+        async with _stage("the forge did not take the push (did the branch move?); try again later"):
+            await run_git(
+                ["-C", mirror, "push", "-q", lease, "origin", f"{sha}:refs/heads/{ctx.branch}"],
+                auth=auth,
+                hide=hide,
+            )
         return PushResult(ctx.branch, sha, scanned, pushed=True)
+
+
+@contextlib.asynccontextmanager
+async def _stage(message: str) -> AsyncIterator[None]:
+    """A failure of this stage of the push, as PushFailed(message) with git's words as detail."""
+    try:
+        yield
+    except GitFailed as exc:
+        raise PushFailed(message, detail=exc.detail) from None
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory tree an agent wrote, including directories it made unreadable."""
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.lexists(path):
+        return
+    for root, dirs, _ in os.walk(path):  # top-down: each directory is opened up before it is listed
+        for name in dirs:
+            full = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                if stat.S_ISDIR(os.lstat(full).st_mode):  # never chmod through a link
+                    os.chmod(full, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _open_regular(path: Path) -> int | None:
+    """A descriptor on ``path`` if it is a non-empty regular file, never through a link or FIFO."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _sandbox_output(path: Path, *, limit: int) -> bytes | None:
@@ -566,17 +685,32 @@ def _sandbox_output(path: Path, *, limit: int) -> bytes | None:
     Whatever ran in the sandbox could have left a symlink (to a secret) or a FIFO (to hang us)
     in its place: never follow one.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
+    fd = _open_regular(path)
+    if fd is None:
         return None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
-            return None
         return os.read(fd, limit)
     finally:
         os.close(fd)
+
+
+def _copy_out(source: Path, dest: Path, *, limit: int) -> Path | None:
+    """Copy a file the sandbox wrote to ``dest`` (new, 0600) in bounded chunks; None if there is
+    no non-empty regular file at ``source``. PushFailed past ``limit`` bytes."""
+    fd = _open_regular(source)
+    if fd is None:
+        return None
+    try:
+        with open(dest, "xb", opener=lambda p, flags: os.open(p, flags, 0o600)) as out:
+            copied = 0
+            while chunk := os.read(fd, COPY_CHUNK):
+                copied += len(chunk)
+                if copied > limit:
+                    raise PushFailed(f"the bundle is over the limit of {limit} bytes; nothing was pushed")
+                out.write(chunk)
+    finally:
+        os.close(fd)
+    return dest
 
 
 async def _git_ok(args: Sequence[str]) -> bool:
@@ -586,53 +720,12 @@ async def _git_ok(args: Sequence[str]) -> bool:
     return await proc.wait() == 0
 
 
-def scan_change(mirror: Path, base: str, sha: str, forbidden: Sequence[str]) -> tuple[list[Finding], int]:
-    """Scan the files the change adds or modifies (base...sha) and its commit messages.
-
-    detect-secrets finds the usual suspects; any of ``forbidden`` (the forge token, the webhook
-    secret) anywhere in an added file or a message is always a finding.
-    """
-    from detect_secrets.core.secrets_collection import SecretsCollection
-    from detect_secrets.settings import default_settings
-
-    def git(*args: str) -> bytes:
-        return subprocess.run(
-            ["git", "-C", str(mirror), *args], env=git_env(), capture_output=True, check=True, timeout=GIT_TIMEOUT
-        ).stdout
-
-    spec = f"{base}...{sha}" if base else sha
-    names = (
-        [
-            n
-            for n in git("diff", "--name-only", "-z", "--diff-filter=AMCR", "--no-renames", spec)
-            .decode(errors="replace")
-            .split("\0")
-            if n
-        ]
-        if base
-        else [n for n in git("ls-tree", "-r", "-z", "--name-only", sha).decode(errors="replace").split("\0") if n]
-    )
-    findings: list[Finding] = []
-    messages = git("log", "--format=%B", f"{base}..{sha}" if base else sha).decode(errors="replace")
-    for secret in forbidden:
-        if secret and secret in messages:
-            findings.append(Finding("(commit message)", 0, "forge credential"))
-    with tempfile.TemporaryDirectory(prefix="forgebottle-scan-") as tmp, default_settings():
-        collection = SecretsCollection(root=tmp)
-        for index, name in enumerate(names[:MAX_SCAN_FILES]):
-            blob = git("cat-file", "blob", f"{sha}:{name}")[:MAX_SCAN_BYTES]
-            text = blob.decode(errors="replace")
-            for secret in forbidden:
-                if secret and secret in text:
-                    line = text[: text.index(secret)].count("\n") + 1
-                    findings.append(Finding(name, line, "forge credential"))
-            local = Path(tmp) / str(index)
-            local.write_bytes(blob)
-            collection.scan_file(str(local))
-            for found in collection.data.get(str(local), set()):
-                findings.append(Finding(name, int(found.line_number), str(found.type)))
-    findings.sort(key=lambda f: (f.file, f.line, f.type))
-    return findings, min(len(names), MAX_SCAN_FILES)
+def check_text(text: str, forbidden: Sequence[str], *, where: str) -> None:
+    """Raise TextRefused (-32005) if ``scan_text`` finds anything in an agent-written body."""
+    findings = scan_text(text, forbidden, where=where)
+    if findings:
+        kinds = ", ".join(sorted({f.type for f in findings}))
+        raise TextRefused(f"the secret scan refused the {where} ({kinds}); nothing was posted", findings)
 
 
 class LocalBackend(Backend):
@@ -739,20 +832,3 @@ class CommandBackend(Backend):
 
 
 BACKENDS: dict[str, type[Backend]] = {"local": LocalBackend, "command": CommandBackend}
-
-
-def scan_text(text: str, forbidden: Sequence[str], *, where: str) -> list[Finding]:
-    """Secrets in a text an agent is about to write to the forge (a comment, a description)."""
-    from detect_secrets.core.secrets_collection import SecretsCollection
-    from detect_secrets.settings import default_settings
-
-    findings = [
-        Finding(where, text[: text.index(s)].count("\n") + 1, "forge credential") for s in forbidden if s and s in text
-    ]
-    with tempfile.TemporaryDirectory(prefix="forgebottle-scan-") as tmp, default_settings():
-        local = Path(tmp) / "text"
-        local.write_text(text)
-        collection = SecretsCollection(root=tmp)
-        collection.scan_file(str(local))
-        findings += [Finding(where, int(f.line_number), str(f.type)) for f in collection.data.get(str(local), set())]
-    return findings

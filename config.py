@@ -7,12 +7,13 @@ leaves the process (logs, and everything the sidecar sends an agent).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hmac
 import os
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,11 +44,36 @@ class Secret:
         return hmac.compare_digest(self._value.encode(), candidate.encode())
 
 
-def redact(text: str, secrets: Sequence[str]) -> str:
-    """``text`` with every secret replaced by ``***``."""
+def secret_forms(secrets: Iterable[str]) -> list[tuple[bytes, str]]:
+    """(bytes, kind) for each secret and, as defence in depth, its base64 (at the three
+    alignments it can take inside a longer encoded text) and hex encodings."""
+    forms: list[tuple[bytes, str]] = []
     for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
+        raw = secret.encode(errors="surrogatepass")
+        if not raw:
+            continue
+        forms.append((raw, "forge credential"))
+        if len(raw) < 8:
+            continue  # short strings' encodings would match by chance
+        for pad in range(3):
+            encoded = base64.b64encode(b"\0" * pad + raw)
+            # Only the characters that depend on the secret's bytes alone.
+            start, end = -(-4 * pad // 3), 4 * (pad + len(raw)) // 3
+            for variant in (encoded, encoded.translate(bytes.maketrans(b"+/", b"-_"))):
+                forms.append((variant[start:end], "forge credential (base64)"))
+        forms += [(form, "forge credential (hex)") for form in (raw.hex().encode(), raw.hex().upper().encode())]
+    return forms
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret, and each encoding of it ``secret_forms`` knows, as ``***``: the
+    one redaction of what leaves forgebottle (logs, and everything the sidecar tells an agent)."""
+    present = sorted({s for s in secrets if s}, key=len, reverse=True)
+    for secret in present:
+        text = text.replace(secret, "***")
+    for form, kind in secret_forms(present):
+        if kind != "forge credential":  # the encodings are ASCII
+            text = text.replace(form.decode(), "***")
     return text
 
 

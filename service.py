@@ -34,9 +34,10 @@ from bottles import (
     PushRefused,
     PushResult,
     RunHandle,
+    TextRefused,
     check_slug,
+    check_text,
     find_bwrap,
-    scan_text,
 )
 from config import Config, ConfigError, redact
 from gitea import Forge, ForgeError, ForgeUnavailable, PullRequest, Repo, ScopedForge, User, branch_for
@@ -702,10 +703,11 @@ class RunAccess:
         return self.service.config.writes_per_hour
 
     def check_text(self, text: str, where: str) -> None:
-        findings = scan_text(text, self.service.secrets, where=where)
-        if findings:
-            self.service.store.update_run(self.slug, self.active.run, secret_findings=len(findings))
-            raise PushRefused(f"secret found in the {where}; nothing was written", findings)
+        try:
+            check_text(text, self.service.secrets, where=where)
+        except TextRefused as exc:
+            self.service.store.update_run(self.slug, self.active.run, secret_findings=len(exc.findings))
+            raise
 
     def redact(self, text: str) -> str:
         secrets = self.service.secrets
