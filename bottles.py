@@ -52,14 +52,12 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from config import AgentSpec, BottleSpec, Secret, redact, system_binds
+from config import AgentSpec, BottleSpec, Secret, redact, system_binds, valid_slug
 from gitea import basic_auth_header, branch_for
 from scan import GIT_TIMEOUT, Finding, ScanFailed, plain_git_env, scan_change, scan_text
 from statemachine import ForgeBottleError
 
-SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the NUL
-# The scan refuses what it cannot read whole: past these bounds nothing is pushed.
 # The largest bundle the host copies out of the sandbox.
 MAX_BUNDLE_BYTES = 256 * 1024 * 1024
 COPY_CHUNK = 1024 * 1024
@@ -162,7 +160,7 @@ class BottlePaths:
 
 
 def check_slug(slug: str) -> str:
-    if not SLUG_RE.fullmatch(slug) or ".." in slug:
+    if not valid_slug(slug):
         raise BottleError(f"invalid slug {slug!r}")
     return slug
 

@@ -104,6 +104,13 @@ class BottleSpec:
 
 
 BACKENDS = ("local", "command")
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def valid_slug(slug: str) -> bool:
+    """A bottle's name: also a directory name under the state dir, so never a path."""
+    return bool(SLUG_RE.fullmatch(slug)) and ".." not in slug
+
 
 # What of the host a bottle sees, read-only. Never "/": that would show the token file and
 # the state dir. /etc only by entry, so that a secret kept under /etc stays out.

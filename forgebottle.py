@@ -34,31 +34,71 @@ __version__ = "0.1.0"
 log = logging.getLogger("forgebottle")
 
 
+FIELDS = ("slug", "event", "trigger", "op", "outcome", "status", "reason", "source", "dest", "event_id")
+# syslog priorities: journald reads a "<N>" prefix on each line as the line's priority, so
+# `journalctl -p warning` finds forgebottle's warnings and errors.
+PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def priority(record: logging.LogRecord) -> int:
+    return PRIORITIES.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
+
+
 class JsonFormatter(logging.Formatter):
-    FIELDS = ("slug", "event", "trigger", "op", "outcome", "status", "reason", "source", "dest", "event_id")
+    """One JSON object per line, every secret redacted; ``journald``: with a priority prefix."""
+
+    def __init__(self, secrets: Sequence[str] = (), *, journald: bool = False) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+        self.journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "PRIORITY": priority(record),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for field in FIELDS:
+            if hasattr(record, field):
+                entry[field] = getattr(record, field)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        line = redact(json.dumps(entry, default=str), self.secrets)
+        return f"<{entry['PRIORITY']}>{line}" if self.journald else line
+
+
+class TextFormatter(logging.Formatter):
+    """For a terminal: time, level, message, and the fields that apply."""
 
     def __init__(self, secrets: Sequence[str] = ()) -> None:
         super().__init__()
         self.secrets = [s for s in secrets if s]
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for field in self.FIELDS:
-            if hasattr(record, field):
-                entry[field] = getattr(record, field)
+        when = dt.datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        fields = " ".join(f"{f}={getattr(record, f)}" for f in FIELDS if getattr(record, f, ""))
+        line = f"{when} {record.levelname:<7} {record.getMessage()}" + (f"  [{fields}]" if fields else "")
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return redact(json.dumps(entry, default=str), self.secrets)
+            line += "\n" + self.formatException(record.exc_info)
+        return redact(line, self.secrets)
 
 
-def setup_logging(secrets: Sequence[str], level: int = logging.INFO, stream: Any = None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter(secrets))
+LOG_FORMATS = ("auto", "json", "text")
+
+
+def setup_logging(
+    secrets: Sequence[str], level: int = logging.INFO, stream: Any = None, log_format: str = "auto"
+) -> None:
+    """``auto``: JSON (with journald priorities under systemd), text on a terminal."""
+    out = stream or sys.stderr
+    journald = bool(os.environ.get("JOURNAL_STREAM"))
+    if log_format == "auto":
+        log_format = "text" if not journald and getattr(out, "isatty", lambda: False)() else "json"
+    formatter = TextFormatter(secrets) if log_format == "text" else JsonFormatter(secrets, journald=journald)
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -104,56 +144,82 @@ def _exit_cleanly(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
 
+log_format_option = click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="auto",
+    show_default=True,
+    help="auto: JSON under systemd or when piped, text on a terminal.",
+)
+
+
 @main.command()
 @config_option
+@log_format_option
 @click.option("--insecure-no-webhook-secret", is_flag=True, help="Accept unsigned webhooks (testing only).")
 @edge
-def serve(config_file: str | None, insecure_no_webhook_secret: bool) -> None:
+def serve(config_file: str | None, log_format: str, insecure_no_webhook_secret: bool) -> None:
     """Run the service: webhooks, sidecars, bottles, watchdog."""
     import uvicorn
 
     from gitea import Gitea
     from service import Service
-    from serving import raise_file_limit, server_config
+    from serving import bind_listener, lock_state_dir, raise_file_limit, server_config
     from store import Store
     from web import create_app
 
     config = Config.load(
         os.environ, config_path(config_file, os.environ), insecure_no_webhook_secret=insecure_no_webhook_secret
     )
-    setup_logging(config.secrets())
+    setup_logging(config.secrets(), log_format=log_format)
     problem = config.read_api_problem()
     if problem:
         raise ConfigError(problem)
+    lock = lock_state_dir(config.state_dir)
     files = raise_file_limit()
+    asyncio.run(_token_accepted(config))
     store = Store(config.db_path)
     service = Service(config, store, Gitea(config.api_url, config.token.reveal(), timeout=config.forge_timeout))
     service.check_sandbox()
-    app = create_app(config, service)
+    old = os.umask(0o077)  # a unix: listener is restricted like admin.sock
+    try:
+        sock = bind_listener(parse_listen(config.listen))
+    finally:
+        os.umask(old)
+    server = uvicorn.Server(server_config(create_app(config, service)))
     # uvicorn re-raises the signal that stopped it once it has shut down; make that a clean
     # exit 0 (running bottles were frozen with "orchestrator stopped") rather than death by SIGTERM.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_cleanly)
-    where = parse_listen(config.listen)
-    listen: dict[str, Any] = {"uds": where} if isinstance(where, str) else {"host": where[0], "port": where[1]}
-    server = uvicorn.Server(server_config(app, **listen))
-    log.info(
-        "forgebottle %s serving on %s; state in %s; forge %s; org %s; agents %s; up to %d open files",
-        __version__,
-        config.listen,
-        config.state_dir,
-        config.api_url,
-        config.org,
-        ", ".join(config.agents) or "none",
-        files,
+    said = (
+        f"on {config.listen}; sandbox {service.sandbox_name()}; agents {', '.join(config.agents) or 'none'}; "
+        f"forge {config.api_url}; org {config.org}; state {config.state_dir}"
     )
-    old = os.umask(0o077)  # a unix: listener is restricted like admin.sock
+    log.info("forgebottle %s serving %s; up to %d open files", __version__, said, files)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
-        os.umask(old)
-    if not server.started:
-        raise ForgeBottleError(f"could not listen on {config.listen}")
+        log.info("forgebottle %s stopped %s", __version__, said)
+        os.close(lock)
+
+
+async def _token_accepted(config: Config) -> None:
+    """Refuse to start on a token the forge refuses; an unreachable forge is only a warning
+    (webhooks are stored meanwhile, and /healthz says 503 until it answers)."""
+    from gitea import ForgeAuthError, ForgeUnavailable, Gitea
+
+    forge = Gitea(config.api_url, config.token.reveal(), timeout=min(config.forge_timeout, 10.0))
+    try:
+        user = await forge.current_user()
+        log.info("the forge token belongs to %s", user.login)
+    except ForgeAuthError as exc:
+        raise ForgeBottleError(
+            f"the forge refused the token ({exc.status}): check FORGE_TOKEN / forge.token_file"
+        ) from None
+    except ForgeUnavailable as exc:
+        log.warning("the forge is unreachable (%s); serving anyway and retrying", exc)
+    finally:
+        await forge.aclose()
 
 
 @main.command()
@@ -316,11 +382,12 @@ def orchestrate_status(config_file: str | None, as_json: bool, show_all: bool) -
 @main.command("provenance")
 @config_option
 @click.argument("slug")
+@click.option("--json", "as_json", is_flag=True, help="The whole record as JSON (DESIGN.md §8).")
 @click.option("--verify", is_flag=True, help="Recompute the hash chain; exit 1 if it is broken.")
 @edge
-def provenance_command(config_file: str | None, slug: str, verify: bool) -> None:
-    """Print a bottle's provenance record."""
-    from provenance import provenance
+def provenance_command(config_file: str | None, slug: str, as_json: bool, verify: bool) -> None:
+    """A bottle's provenance record: a summary, or the JSON document."""
+    from provenance import provenance, summary
 
     config = _load(config_file)
     doc = provenance(_open_store(config), slug, api_url=config.api_url, org=config.org)
@@ -330,7 +397,43 @@ def provenance_command(config_file: str | None, slug: str, verify: bool) -> None
             raise ForgeBottleError(f"chain broken at operation {chain['broken_seq']}: {chain['problem']}")
         click.echo(f"{slug}: chain verified ({len(doc['operations'])} operations, head {chain['head'][:16]})")
         return
-    click.echo(json.dumps(doc, indent=2))
+    click.echo(json.dumps(doc, indent=2) if as_json else summary(doc))
+
+
+@main.command("logs")
+@config_option
+@click.argument("slug")
+@click.option("--run", "run", type=int, default=None, help="Which run (default: the latest).")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing while the run goes on.")
+@edge
+def logs_command(config_file: str | None, slug: str, run: int | None, follow: bool) -> None:
+    """An agent run's output, as forgebottle kept it (bottles/<slug>/run-<n>.log)."""
+    import time
+
+    from bottles import BottlePaths
+
+    config = _load(config_file)
+    store = _open_store(config)
+    state = store.known(slug)
+    runs = store.runs(state.slug)
+    if not runs:
+        raise ForgeBottleError(f"{slug} has not run yet")
+    n = run if run is not None else int(runs[-1]["n"])
+    if n not in {int(r["n"]) for r in runs}:
+        raise ForgeBottleError(f"{slug} has no run {n} (runs: {', '.join(str(r['n']) for r in runs)})")
+    path = BottlePaths(config.state_dir, state.slug).run_log(n)
+    out = sys.stdout.buffer
+    with open(path, "rb") if path.exists() else open(os.devnull, "rb") as log_file:
+        while True:
+            chunk = log_file.read(65536)
+            if chunk:
+                out.write(chunk)
+                out.flush()
+                continue
+            ended = next((r["ended_at"] for r in store.runs(state.slug) if int(r["n"]) == n), None)
+            if not follow or ended:
+                return
+            time.sleep(0.2)
 
 
 @main.command()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bottles import BottleError, check_slug
 from gitea import branch_for
-from store import ForgeState, Store, UnknownBottle, verify_chain
+from store import ForgeState, Store, verify_chain
 
 
 def bottle_view(state: ForgeState) -> dict[str, Any]:
@@ -18,13 +17,7 @@ def bottle_view(state: ForgeState) -> dict[str, Any]:
 
 
 def provenance(store: Store, slug: str, *, api_url: str = "", org: str = "") -> dict[str, Any]:
-    try:
-        check_slug(slug)
-    except BottleError:
-        raise UnknownBottle(f"invalid slug {slug[:80]!r}") from None
-    state = store.by_slug(slug)
-    if state is None:
-        raise UnknownBottle(f"no bottle {slug!r}")
+    state = store.known(slug)
     ops = store.operations(slug)
     check = verify_chain(slug, ops, head=state.chain_head, count=state.op_count)
     runs = []
@@ -77,3 +70,36 @@ def provenance(store: Store, slug: str, *, api_url: str = "", org: str = "") -> 
             **({"problem": check.problem, "broken_seq": check.broken_seq} if not check.verified else {}),
         },
     }
+
+
+def summary(doc: dict[str, Any]) -> str:
+    """The record for a person: the bottle, each run, the operations and transitions, the chain."""
+    forge = doc["forge"]
+    lines = [
+        f"{doc['slug']}: {doc['status']}; agent {doc['agent']}, {doc['backend']} bottle, sandbox {doc['sandbox']}",
+        f"  issue {forge['issue_url'] or '#' + str(forge['issue'])}"
+        + (f"; pull request {forge['pr_url'] or '#' + str(forge['pr'])}" if forge["pr"] else ""),
+    ]
+    for run in doc["runs"]:
+        signalled = run["signalled"] or {}
+        outcome = (
+            f"signalled {signalled['status']}: {signalled.get('summary', '')[:120]}"
+            if signalled
+            else "watchdog stopped it"
+            if run["watchdog_fired"]
+            else run.get("error") or f"exited {run['exit_code']} without signalling"
+        )
+        scan = run["secret_scan"]["findings"]
+        lines.append(
+            f"  run {run['n']} ({run['trigger']}, {run['started_at']} .. {run['ended_at'] or 'running'}): {outcome}"
+            + (f"; secret scan refused {scan}" if scan else "")
+        )
+    for op in doc["operations"]:
+        mark = {"ok": " ", "denied": "!", "error": "x"}.get(op["outcome"], "?")
+        lines.append(f"  {mark} {op['seq']:>3} run {op['run']}  {op['detail']}")
+    for tr in doc["transitions"]:
+        lines.append(f"  {tr['at']}  {tr['source']} -> {tr['dest']} ({tr['trigger']}: {tr['reason'][:100]})")
+    chain = doc["chain"]
+    state = "verified" if chain["verified"] else f"BROKEN at operation {chain.get('broken_seq')}"
+    lines.append(f"  chain {state}: {len(doc['operations'])} operations, head {chain['head'][:16]}")
+    return "\n".join(lines)

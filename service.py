@@ -29,28 +29,27 @@ from bottles import (
     BACKENDS,
     Backend,
     BottleContext,
-    BottleError,
     BottlePaths,
     PushRefused,
     PushResult,
     RunHandle,
     TextRefused,
-    check_slug,
     check_text,
     find_bwrap,
 )
 from config import Config, ConfigError, redact
-from gitea import Forge, ForgeError, ForgeUnavailable, PullRequest, Repo, ScopedForge, User, branch_for
+from gitea import Forge, ForgeAuthError, ForgeError, ForgeUnavailable, PullRequest, Repo, ScopedForge, User, branch_for
 from metrics import Metrics
 from rules import Decision, Destroy, Ignore, Launch, Link, Prompt, Rules
 from serving import UnixServer
 from sidecar import WRITES, sidecar_app
 from statemachine import Bottle, BottleState, ForgeBottleError, Trigger, fire
-from store import ForgeState, InboxEvent, NewEvent, Store, UnknownBottle
+from store import ForgeState, InboxEvent, NewEvent, Store
 
 log = logging.getLogger("forgebottle")
 
 MAX_PROMPT_BYTES = 96 * 1024  # one argv element may hold 128 KiB
+FORGE_PROBE_SECONDS = 30.0
 
 OVERLAY = """\
 You are an agent working in a forgebottle bottle on {owner}/{repo}, issue #{issue}.
@@ -161,6 +160,8 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
         self._repos: dict[tuple[str, str], Repo] = {}
         self._stopping = False
+        # Why the forge cannot be used right now (unreachable, token refused), or None: /healthz.
+        self.forge_problem: str | None = "the forge has not been reached yet"
 
     @property
     def bot(self) -> User | None:
@@ -182,9 +183,11 @@ class Service:
         os.chmod(self.config.state_dir, 0o700)
         install_tools(self.config.state_dir / "tools")
         await self.recover()
+        await self.check_forge()
         self._tasks = [
             asyncio.create_task(self._worker(), name="webhook-worker"),
             asyncio.create_task(self._watchdog(), name="watchdog"),
+            asyncio.create_task(self._probe_forge(), name="forge-probe"),
         ]
         await self.schedule()
 
@@ -254,17 +257,43 @@ class Service:
         extra = {"event_id": event_id, "event": event_type, "status": status, "slug": slug, "reason": reason}
         log.log(level, "event %d %s: %s", event_id, event_type, reason, extra=extra)
 
+    def sandbox_name(self) -> str:
+        names = {spec.sandbox if spec.backend == "local" else "external" for spec in self.config.bottles.values()}
+        return ", ".join(sorted(names)) + ("" if self.bwrap or "bwrap" not in names else " (bwrap not found)")
+
+    async def check_forge(self) -> bool:
+        """Ask the forge who the token is; keep what went wrong in ``forge_problem``."""
+        try:
+            user = await self.forge.current_user()
+        except ForgeError as exc:
+            problem = (
+                f"the forge refused the token ({exc.status})"
+                if isinstance(exc, ForgeAuthError)
+                else f"the forge is unreachable: {exc}"
+            )
+            if problem != self.forge_problem:
+                log.log(logging.ERROR if isinstance(exc, ForgeAuthError) else logging.WARNING, "%s", problem)
+            self.forge_problem = problem
+            return False
+        if self.rules.bot is None:
+            log.info("forge user is %s", user.login)
+        elif self.forge_problem is not None:
+            log.info("the forge answers again")
+        self.rules.bot = user
+        self.forge_problem = None
+        return True
+
+    async def _probe_forge(self) -> None:
+        while True:
+            await asyncio.sleep(FORGE_PROBE_SECONDS)
+            await self.check_forge()
+
     async def _worker(self) -> None:
         while True:
             self._wake.clear()
-            if self.rules.bot is None:
-                try:
-                    self.rules.bot = await self.forge.current_user()
-                    log.info("forge user is %s", self.rules.bot.login)
-                except ForgeError as exc:
-                    log.warning("cannot reach the forge to learn the token's user: %s", exc)
-                    await asyncio.sleep(5)
-                    continue
+            if self.rules.bot is None and not await self.check_forge():
+                await asyncio.sleep(5)
+                continue
             events = self.store.pending_events()
             for event in events:
                 if not await self.process(event):
@@ -282,9 +311,12 @@ class Service:
                 else Ignore("payload is not an object")
             )
             status = "ignored" if isinstance(decision, Ignore) else "done"
+            if self.forge_problem is not None and self.forge_problem.startswith("the forge is unreachable"):
+                self.forge_problem = None  # deciding read the forge: it answers again
         except (ValueError, RecursionError):
             decision, status = Ignore("body is not JSON"), "ignored"
         except ForgeUnavailable as exc:
+            self.forge_problem = f"the forge is unreachable: {exc}"
             attempts = self.store.bump_attempts(event.id, str(exc))
             self.metrics.inc(m.FORGE_ERRORS, kind="unavailable")
             if attempts < self.config.event_retries:
@@ -396,14 +428,7 @@ class Service:
         return (self.store.by_slug(slug) or state).status.value
 
     def known(self, slug: str) -> ForgeState:
-        try:
-            check_slug(slug)
-        except BottleError:
-            raise UnknownBottle(f"invalid slug {slug[:80]!r}") from None
-        state = self.store.by_slug(slug)
-        if state is None:
-            raise UnknownBottle(f"no bottle {slug!r}")
-        return state
+        return self.store.known(slug)
 
     # -- the scheduler: FIFO over everything waiting for a slot ---------------------
 

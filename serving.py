@@ -190,3 +190,49 @@ class UnixServer:
         self._task = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold ``serve.lock`` in the state dir for as long as this process lives (the returned
+    descriptor); a second ``serve`` on the same state is refused, naming the holder."""
+    import fcntl
+
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state_dir / "serve.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ForgeBottleError(f"another serve (pid {holder}) is using {state_dir}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def bind_listener(where: tuple[str, int] | str) -> socket.socket:
+    """The service's listening socket, bound before anything is served, so that an address in
+    use is one clear error rather than a server that announced itself and then died."""
+    if isinstance(where, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            if Path(where).is_socket():
+                Path(where).unlink()
+        address: Any = where
+    else:
+        host, port = where
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        address = (host, port)
+    try:
+        sock.bind(address)
+        if isinstance(where, str):
+            os.chmod(where, 0o600)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        shown = where if isinstance(where, str) else f"{where[0]}:{where[1]}"
+        raise ForgeBottleError(f"cannot listen on {shown}: {exc.strerror or exc}") from None
+    return sock

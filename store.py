@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from config import valid_slug
 from statemachine import BottleState, ForgeBottleError, TransitionRecord
 
 BUSY_TIMEOUT_MS = 10_000
@@ -428,6 +429,13 @@ class Store:
     def get(self, owner: str, repo: str, issue: int) -> ForgeState | None:
         rows = self._query(f"{_SELECT_STATE} WHERE owner = ? AND repo = ? AND issue_number = ?", (owner, repo, issue))
         return _state_from_row(rows[0]) if rows else None
+
+    def known(self, slug: str) -> ForgeState:
+        """The bottle called ``slug``, live or not; UnknownBottle (404) for anything else."""
+        state = self.by_slug(slug) if valid_slug(slug) else None
+        if state is None:
+            raise UnknownBottle(f"no bottle {slug[:80]!r}" if valid_slug(slug) else f"invalid slug {slug[:80]!r}")
+        return state
 
     def by_slug(self, slug: str) -> ForgeState | None:
         rows = self._query(f"{_SELECT_STATE} WHERE slug = ?", (slug,))

@@ -146,12 +146,15 @@ def create_app(config: Config, service: Service) -> Starlette:
 
     async def healthz(request: Request) -> Response:
         counts = store.count_by_status()
+        problem = service.forge_problem
         return JSONResponse(
             {
-                "status": "ok",
+                "status": "ok" if problem is None else "unavailable",
+                **({"problem": problem} if problem else {}),
                 "forge_user": service.bot.login if service.bot else None,
                 **{s.value: counts.get(s.value, 0) for s in (BottleState.RUNNING, BottleState.QUEUED)},
-            }
+            },
+            status_code=200 if problem is None else 503,
         )
 
     async def metrics(request: Request) -> Response:

@@ -351,6 +351,28 @@ def post_webhook(
 
 
 ROOT = Path(__file__).resolve().parents[1]
+PYZ = ROOT / "dist" / "forgebottle.pyz"
+
+
+@pytest.fixture(scope="session")
+def pyz() -> Path:
+    """Build dist/forgebottle.pyz from this tree once per session."""
+    result = subprocess.run(
+        ["bash", str(ROOT / "build.sh")],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return PYZ
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without forgebottle's own variables (and shiv's), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FORGE", "SHIV"))}
+    env.update(extra)
+    return env
 
 
 def free_port() -> int:
@@ -371,10 +393,12 @@ class ServeProcess:
         scripts: dict[str, str] | None = None,
         extra_toml: str = "",
         nofile: int | None = None,
+        log_format: str | None = None,
     ) -> None:
         self.forge = forge
         self.home = home
         self.nofile = nofile  # the soft RLIMIT_NOFILE serve starts with (systemd's default is 1,024)
+        self.log_format = log_format
         self.state_dir = home / "state"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -407,7 +431,13 @@ class ServeProcess:
 
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [*self.command, "serve", "--config", str(self.config)],
+                [
+                    *self.command,
+                    "serve",
+                    "--config",
+                    str(self.config),
+                    *(["--log-format", self.log_format] if self.log_format else []),
+                ],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -13,29 +13,7 @@ import pytest
 
 from statemachine import BottleState
 from store import Store
-from tests.conftest import ROOT, WEBHOOK_SECRET, Forge, ServeProcess, needs_bwrap, wait_until
-
-PYZ = ROOT / "dist" / "forgebottle.pyz"
-
-
-@pytest.fixture(scope="session")
-def pyz() -> Path:
-    """Build dist/forgebottle.pyz from this tree once per session."""
-    result = subprocess.run(
-        ["bash", str(ROOT / "build.sh")],
-        env={**os.environ, "PYTHON": sys.executable},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return PYZ
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FORGE", "SHIV"))}
-    env.update(extra)
-    return env
+from tests.conftest import ROOT, WEBHOOK_SECRET, Forge, ServeProcess, clean_env, needs_bwrap, wait_until
 
 
 def test_pyz_runs_with_home_unwritable(pyz: Path, short_tmp: Path) -> None:
@@ -106,7 +84,7 @@ def test_the_whole_loop_from_the_built_pyz(
     assert verify.returncode == 0, verify.stderr
     doc = json.loads(
         subprocess.run(
-            [sys.executable, str(pyz), "provenance", state.slug],
+            [sys.executable, str(pyz), "provenance", state.slug, "--json"],
             env=env,
             capture_output=True,
             text=True,
