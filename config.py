@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from statemachine import ForgeBottleError
 
+VERSION = "0.1.0"
+
 
 class Secret:
     """A string that does not print itself (after starlette's ``Secret``)."""

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from config import ENV_CONFIG, ENV_ORG, Config, ConfigError, config_path, parse_listen, redact
+from config import VERSION as __version__
 from statemachine import ForgeBottleError
 
 if TYPE_CHECKING:
     from store import Store
 
-__version__ = "0.1.0"
 
 log = logging.getLogger("forgebottle")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from gitea import branch_for
@@ -16,31 +17,33 @@ def bottle_view(state: ForgeState) -> dict[str, Any]:
     return data
 
 
+def run_view(run: Mapping[str, Any]) -> dict[str, Any]:
+    """One run of the record (DESIGN.md §8) from its row in the store."""
+    signalled = None
+    if run["signalled_status"]:
+        signalled = {"status": run["signalled_status"], "summary": run["signalled_summary"] or ""}
+    return {
+        "n": run["n"],
+        "trigger": run["trigger"],
+        "prompt_sha256": run["prompt_sha256"],
+        "started_at": run["started_at"],
+        "ended_at": run["ended_at"],
+        "exit_code": run["exit_code"],
+        "signalled": signalled,
+        "watchdog_fired": bool(run["watchdog_fired"]),
+        "secret_scan": {"tool": "detect-secrets", "findings": int(run["secret_findings"])},
+        "egress": {"network": run["network"]},
+        "sandbox": run["sandbox"],
+        **({"error": run["error"]} if run["error"] else {}),
+    }
+
+
 def provenance(store: Store, slug: str, *, api_url: str = "", org: str = "") -> dict[str, Any]:
     state = store.known(slug)
     ops = store.operations(slug)
     check = verify_chain(slug, ops, head=state.chain_head, count=state.op_count)
     runs = []
-    for run in store.runs(slug):
-        signalled = None
-        if run["signalled_status"]:
-            signalled = {"status": run["signalled_status"], "summary": run["signalled_summary"] or ""}
-        runs.append(
-            {
-                "n": run["n"],
-                "trigger": run["trigger"],
-                "prompt_sha256": run["prompt_sha256"],
-                "started_at": run["started_at"],
-                "ended_at": run["ended_at"],
-                "exit_code": run["exit_code"],
-                "signalled": signalled,
-                "watchdog_fired": bool(run["watchdog_fired"]),
-                "secret_scan": {"tool": "detect-secrets", "findings": int(run["secret_findings"])},
-                "egress": {"network": run["network"]},
-                "sandbox": run["sandbox"],
-                **({"error": run["error"]} if run["error"] else {}),
-            }
-        )
+    runs = [run_view(run) for run in store.runs(slug)]
     return {
         "schema": "forgebottle.provenance/v1",
         "slug": slug,

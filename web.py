@@ -10,20 +10,25 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 import metrics as m
+from bottles import BottlePaths
+from config import VERSION as __version__
 from config import Config, Secret, redact
-from provenance import bottle_view, provenance
+from pages import bottle_page, index_page, run_outcome
+from provenance import bottle_view, provenance, run_view
 from rules import triage
 from service import Service
 from serving import BodyTooSlow, UnixServer, read_bounded
@@ -32,6 +37,7 @@ from statemachine import BottleState, ForgeBottleError
 log = logging.getLogger("forgebottle")
 
 MAX_WEBHOOK_BYTES = 1024 * 1024
+LOG_TAIL_BYTES = 16 * 1024
 WEBHOOK_BODY_SECONDS = 10.0  # Gitea sends the whole body at once and gives a delivery 5 s in all
 EVENT_TYPE = re.compile(r"[a-z_]{1,64}")
 # Gitea's header family, and Forgejo's: the same values under another prefix.
@@ -77,6 +83,18 @@ def webhook_header(request: Request, name: str) -> str:
         if value is not None:
             return value
     return ""
+
+
+def read_tail(path: Path, limit: int) -> str:
+    """The last ``limit`` bytes of a run log, if it is there (never through a link)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(max(0, size - limit))
+        return f.read(limit).decode(errors="replace")
 
 
 def loopback(request: Request) -> bool:
@@ -184,6 +202,27 @@ def create_app(config: Config, service: Service) -> Starlette:
         authorize(request)
         return JSONResponse(provenance(store, request.path_params["slug"], api_url=config.api_url, org=config.org))
 
+    async def index(request: Request) -> Response:
+        authorize(request)
+        states = store.all(live_only=True)
+        outcomes = {}
+        for state in states:
+            last = store.last_run(state.slug)
+            if last is not None:
+                outcomes[state.slug] = run_outcome(run_view(last))
+        ignored = [e for e in store.events(200) if e["status"] == "ignored"][:20]
+        page = index_page(states, outcomes, ignored, version=__version__, forge_problem=service.forge_problem)
+        return HTMLResponse(page)
+
+    async def bottle(request: Request) -> Response:
+        authorize(request)
+        doc = provenance(store, request.path_params["slug"], api_url=config.api_url, org=config.org)
+        tail = ""
+        if doc["runs"]:
+            path = BottlePaths(config.state_dir, doc["slug"]).run_log(int(doc["runs"][-1]["n"]))
+            tail = read_tail(path, LOG_TAIL_BYTES)
+        return HTMLResponse(bottle_page(doc, tail))
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await service.start()
@@ -197,6 +236,8 @@ def create_app(config: Config, service: Service) -> Starlette:
 
     app = Starlette(
         routes=[
+            Route("/", index, methods=["GET"]),
+            Route("/bottles/{slug}", bottle, methods=["GET"]),
             Route("/webhook", webhook, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
