@@ -184,7 +184,7 @@ _TOP_KEYS = {"forge", "watchdog", "server", "sidecar", "agents", "bottles"}
 _SECTION_KEYS = {
     "forge": {"api_url", "token_file", "webhook_secret_file", "org", "timeout"},
     "watchdog": {"timeout", "interval"},
-    "server": {"state_dir", "listen", "api_token_file", "max_running", "event_retries"},
+    "server": {"state_dir", "listen", "api_token_file", "max_running", "event_retries", "public_url"},
     "sidecar": {"writes_per_hour", "done_grace"},
 }
 _AGENT_KEYS = {"command", "resume_command", "network", "env", "timeout", "ro_binds"}
@@ -230,6 +230,7 @@ class Config:
     forge_timeout: float = 10.0
     event_retries: int = 5
     secret_files: tuple[Path, ...] = ()
+    public_url: str = ""
 
     @property
     def db_path(self) -> Path:
@@ -300,6 +301,9 @@ class Config:
         listen = environ.get(ENV_LISTEN) or server.get("listen") or "127.0.0.1:8765"
         parse_listen(listen)
         max_running = _positive_int(server.get("max_running", 2), "server.max_running")
+        public_url = str(server.get("public_url") or "").rstrip("/")
+        if public_url and not re.match(r"^https?://[^/\s]+", public_url):
+            raise ConfigError(f"server.public_url: {public_url!r} is not an http(s) URL")
         agents = {name: _agent(name, spec, environ) for name, spec in toml.get("agents", {}).items()}
         bottles = {"local": BottleSpec()}
         bottles.update({name: _bottle(name, spec) for name, spec in toml.get("bottles", {}).items()})
@@ -320,6 +324,7 @@ class Config:
             done_grace=parse_duration(sidecar.get("done_grace", "30s"), "sidecar.done_grace"),
             forge_timeout=parse_duration(forge.get("timeout", "10s"), "forge.timeout"),
             event_retries=_positive_int(server.get("event_retries", 5), "server.event_retries"),
+            public_url=public_url,
             secret_files=tuple(
                 (base / str(f)).expanduser()
                 for f in (

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from config import ENV_CONFIG, ENV_ORG, Config, ConfigError, config_path, parse_listen, redact
+from config import ENV_CONFIG, Config, ConfigError, config_path, parse_listen, redact
 from config import VERSION as __version__
 from statemachine import ForgeBottleError
 
@@ -438,66 +438,38 @@ def logs_command(config_file: str | None, slug: str, run: int | None, follow: bo
 
 @main.command()
 @config_option
+@click.option("--repo", "repos", multiple=True, help="OWNER/REPO whose webhook to check (repeatable).")
 @edge
-def check(config_file: str | None) -> None:
-    """Validate the config, reach the forge, check the token's user and the org."""
-    problems = asyncio.run(_check(config_path(config_file, os.environ)))
+def check(config_file: str | None, repos: tuple[str, ...]) -> None:
+    """Prove each part works: config, forge, token, org, webhook, a real bottle, each agent."""
+    from operate import run_checks
+
+    def load() -> Config:
+        return Config.load(os.environ, config_path(config_file, os.environ))
+
+    problems = asyncio.run(run_checks(load, repos, click.echo))
     if problems:
         raise ForgeBottleError(f"{problems} problem(s) found")
 
 
-async def _check(path: Path | None) -> int:
-    from bottles import find_bwrap
-    from gitea import ForgeError, ForgeUnavailable, Gitea, OrgNotVisible
-    from service import sandbox_problem
+@main.command()
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("forgebottle.toml"),
+    show_default=True,
+    help="Where to write the config (the webhook secret goes beside it).",
+)
+@edge
+def init(out: Path) -> None:
+    """Write a commented config and a fresh webhook secret (0600); never overwrite."""
+    from operate import init as write
 
-    problems = 0
-
-    def say(ok: bool, text: str) -> None:
-        nonlocal problems
-        problems += 0 if ok else 1
-        click.echo(f"{'ok ' if ok else 'FIX'}  {text}")
-
-    try:
-        config = Config.load(os.environ, path)
-    except ConfigError as exc:
-        say(False, f"config: {exc}")
-        return problems
-    say(True, f"config: forge {config.api_url}, org {config.org}, state {config.state_dir}")
-    say(bool(config.agents), f"agents: {', '.join(config.agents) or 'none configured ([agents.<name>])'}")
-    say(config.webhook_secret is not None, "webhook secret " + ("set" if config.webhook_secret else "NOT set"))
-    problem = config.read_api_problem()
-    say(problem is None, problem or "read API: " + ("bearer token" if config.api_token else "loopback clients only"))
-    problem = sandbox_problem(config, find_bwrap())
-    say(problem is None, problem or f"sandbox: {find_bwrap() or 'not needed'}")
-    forge = Gitea(config.api_url, config.token.reveal(), timeout=min(config.forge_timeout, 10))
-    try:
-        user = await forge.current_user()
-        say(True, f"forge: reachable; the token belongs to {user.login}")
-        if not await forge.org_exists(config.org):
-            say(False, f"org {config.org!r} does not exist on the forge (set {ENV_ORG})")
-        else:
-            try:
-                member = await forge.is_org_member(config.org, user.login)
-                say(
-                    member,
-                    f"{user.login} is {'a member' if member else 'NOT a member'} of {config.org}"
-                    + ("" if member else "; the token must see the org's members"),
-                )
-            except OrgNotVisible as exc:
-                say(False, str(exc))
-    except ForgeError as exc:
-        hint = (
-            " (check FORGE_TOKEN)"
-            if exc.status == 401
-            else " (check FORGE_GITEA_API)"
-            if exc.status is None or isinstance(exc, ForgeUnavailable)
-            else ""
-        )
-        say(False, f"forge: {exc}{hint}")
-    finally:
-        await forge.aclose()
-    return problems
+    state = Path(os.environ.get("FORGEBOTTLE_STATE_DIR") or "~/.bot-bottle").expanduser()
+    for path in write(out.resolve(), state_dir=state):
+        click.echo(f"wrote {path}")
+    click.echo(f"next: put the bot's token in {out.resolve().parent / 'forge-token'} (0600), edit {out}, then")
+    click.echo(f"  forgebottle setup --config {out} --repo OWNER/REPO && forgebottle check --config {out}")
 
 
 @main.command()
@@ -512,7 +484,9 @@ def demo(keep: bool) -> None:
         code = run_demo(root, click.echo, self_command())
     finally:
         if keep:
-            click.echo(f"state kept in {root}")
+            click.echo(
+                f"state kept in {root}: forgebottle orchestrate status --config {root / 'state' / 'config.toml'}"
+            )
         else:
             shutil.rmtree(root, ignore_errors=True)
     if code:

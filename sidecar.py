@@ -435,5 +435,5 @@ def sidecar_app(access: BottleAccess) -> Starlette:
 
 def answer(access: BottleAccess, document: Any, status: int = 200) -> Response:
     """The one way out to an agent: JSON with every forgebottle secret redacted."""
-    body = json.dumps(document, ensure_ascii=False, allow_nan=False)
+    body = json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     return Response(access.redact(body).encode(), status, media_type="application/json")

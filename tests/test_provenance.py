@@ -106,7 +106,7 @@ def test_provenance_of_two_runs(rig: Rig) -> None:
     ]
     assert doc["chain"] == {"algorithm": "sha256", "head": ops[-1]["hash"], "verified": True}
     assert provenance_cli(rig.state_dir, slug).returncode == 0
-    assert json.loads(provenance_cli(rig.state_dir, slug).stdout) == doc
+    assert json.loads(provenance_cli(rig.state_dir, slug, "--json").stdout) == doc
     verified = provenance_cli(rig.state_dir, slug, "--verify")
     assert verified.returncode == 0 and "chain verified (8 operations" in verified.stdout
 
