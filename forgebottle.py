@@ -186,7 +186,13 @@ def serve(config_file: str | None, log_format: str, insecure_no_webhook_secret: 
         sock = bind_listener(parse_listen(config.listen))
     finally:
         os.umask(old)
-    server = uvicorn.Server(server_config(create_app(config, service)))
+
+    def reload() -> Config:
+        return Config.load(
+            os.environ, config_path(config_file, os.environ), insecure_no_webhook_secret=insecure_no_webhook_secret
+        )
+
+    server = uvicorn.Server(server_config(create_app(config, service, reload=reload)))
     # uvicorn re-raises the signal that stopped it once it has shut down; make that a clean
     # exit 0 (running bottles were frozen with "orchestrator stopped") rather than death by SIGTERM.
     for sig in (signal.SIGTERM, signal.SIGINT):

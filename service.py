@@ -257,6 +257,13 @@ class Service:
         extra = {"event_id": event_id, "event": event_type, "status": status, "slug": slug, "reason": reason}
         log.log(level, "event %d %s: %s", event_id, event_type, reason, extra=extra)
 
+    def reload(self, new: Config) -> None:
+        """Take a re-read config's agents and bottles (``SIGHUP``); running bottles go on with
+        what they started with. Where the service listens, its state and secrets need a restart."""
+        self.config = dataclasses.replace(self.config, agents=new.agents, bottles=new.bottles)
+        self.rules.config = self.config
+        log.info("config re-read: agents %s", ", ".join(new.agents) or "none")
+
     def sandbox_name(self) -> str:
         names = {spec.sandbox if spec.backend == "local" else "external" for spec in self.config.bottles.values()}
         return ", ".join(sorted(names)) + ("" if self.bwrap or "bwrap" not in names else " (bwrap not found)")

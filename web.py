@@ -5,6 +5,7 @@ and back; errors are mapped to statuses here, once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import ipaddress
@@ -12,8 +13,9 @@ import json
 import logging
 import os
 import re
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -106,7 +108,7 @@ def loopback(request: Request) -> bool:
         return False
 
 
-def create_app(config: Config, service: Service) -> Starlette:
+def create_app(config: Config, service: Service, *, reload: Callable[[], Config] | None = None) -> Starlette:
     """The service's HTTP face. The lifespan starts the service and ``admin.sock``, and stops them."""
     store = service.store
 
@@ -223,9 +225,17 @@ def create_app(config: Config, service: Service) -> Starlette:
             tail = read_tail(path, LOG_TAIL_BYTES)
         return HTMLResponse(bottle_page(doc, tail))
 
+    def reread(load: Callable[[], Config]) -> None:
+        try:
+            service.reload(load())
+        except ForgeBottleError as exc:  # a bad file: the config in use stays
+            log.warning("config not re-read, the one in use stays: %s", exc)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await service.start()
+        if reload is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reread, reload)
         admin = UnixServer(admin_app(service), config.admin_socket, limit_concurrency=16)
         try:
             await admin.start()

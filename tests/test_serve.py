@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import httpx
 
-from tests.conftest import Forge, ServeProcess, post_webhook, sign, wait_until
+from tests.conftest import WEBHOOK_SECRET, Forge, ServeProcess, post_webhook, sign, wait_until
 
 
 def failed(serve: ServeProcess) -> str:
@@ -70,3 +70,38 @@ def test_healthz_says_503_while_the_forge_is_unreachable(
     health = wait_until(unavailable, timeout=60, what="/healthz to say 503")
     assert health is not None and health["status"] == "unavailable" and "unreachable" in health["problem"]
     assert serve.stop() == 0
+
+
+def test_sighup_rereads_agents_and_keeps_the_old_config_when_the_new_is_bad(
+    forge: Forge, serve_factory: Callable[..., ServeProcess]
+) -> None:
+    import signal
+
+    from statemachine import BottleState
+    from store import Store
+    from tests.conftest import open_issue
+
+    serve = serve_factory().start()
+    assert serve.proc is not None
+    forge.dev.add_hook(forge.owner, forge.repo, f"{serve.url}/webhook", WEBHOOK_SECRET)
+    running = open_issue(forge, "turns")  # a bottle that runs until told: SIGHUP must not stop it
+    store = Store(serve.state_dir / "bot-bottle.db")
+
+    def state(number: int) -> BottleState | None:
+        found = store.get(forge.owner, forge.repo, number)
+        return found.status if found else None
+
+    wait_until(lambda: state(running.number) is BottleState.RUNNING, what="the turns bottle to run")
+    good = serve.config.read_text()
+    serve.config.write_text(good + '[agents.later]\ncommand = ["/bin/sh", "/opt/forgebottle/bin/happy-agent"]\n')
+    serve.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "agents" in serve.log.read_text() and "later" in serve.log.read_text(), what="the re-read")
+    later = open_issue(forge, "later")
+    wait_until(lambda: state(later.number) is BottleState.FROZEN, timeout=60, what="the new agent's bottle")
+    serve.config.write_text(good + "[agents.broken\n")
+    serve.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "config not re-read, the one in use stays" in serve.log.read_text(), what="the refusal")
+    assert state(running.number) is BottleState.RUNNING and serve.proc.poll() is None
+    assert httpx.get(f"{serve.url}/healthz", timeout=10).status_code == 200
+    assert serve.stop() == 0
+    store.close()
