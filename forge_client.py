@@ -397,8 +397,11 @@ def serve_mcp(stdin: IO[bytes], stdout: IO[bytes], socket_path: str | None = Non
             answer = server.handle(line)
         if answer is not None:
             # ASCII escapes keep every answer valid UTF-8, lone surrogates from a result included.
-            stdout.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
-            stdout.flush()
+            try:
+                stdout.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
+                stdout.flush()
+            except BrokenPipeError:
+                return 0  # the client hung up: nobody is left to answer
     return 0
 
 

@@ -7,10 +7,13 @@ import asyncio
 import dataclasses
 import json
 import os
+import socketserver
+import statistics
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +23,7 @@ import pytest
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
+import forge_client
 from bottles import BottleContext, BottlePaths, LocalBackend, git_env
 from config import AgentSpec, BottleSpec, Secret
 from statemachine import BottleState
@@ -313,6 +317,113 @@ def test_hostile_arguments_are_the_sidecars_to_refuse(rig_factory: Callable[...,
 def rig_comments(bottle: Bottle) -> list[str]:
     forge = bottle.rig.forge
     return [c.body for c in forge.dev.issue(forge.owner, forge.repo, bottle.state.issue_number).comments]
+
+
+# -- the newer calls, against a socket that echoes what it was asked --------------------------
+
+
+class EchoSidecar(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """A real Unix socket speaking the sidecar's HTTP: answers each call with its method and
+    params, for the calls the real sidecar may not have yet."""
+
+    daemon_threads = True
+
+    def __init__(self, path: Path) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.path = str(path)
+        super().__init__(self.path, EchoHandler)
+
+
+class EchoHandler(socketserver.StreamRequestHandler):
+    server: EchoSidecar
+
+    def handle(self) -> None:
+        length = 0
+        while (line := self.rfile.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        request = json.loads(self.rfile.read(length))
+        self.server.calls.append(request)
+        result = {"method": request["method"], "params": request["params"]}
+        body = json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": result}).encode()
+        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        self.wfile.write(head.encode() + body)
+
+
+@pytest.fixture
+def echo(short_tmp: Path) -> Iterator[EchoSidecar]:
+    server = EchoSidecar(short_tmp / "echo.sock")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "stdin", "method", "params"),
+    [
+        (["progress", "- [x] tests"], "", "update_progress", {"body": "- [x] tests"}),
+        (["progress"], "- [ ] from stdin\n", "update_progress", {"body": "- [ ] from stdin\n"}),
+        (["progress", "-"], "dash\n", "update_progress", {"body": "dash\n"}),
+        (["checks"], "", "read_checks", {}),
+        (["checks", "main"], "", "read_checks", {"ref": "main"}),
+        (["job-log", "7"], "", "read_job_log", {"job_id": 7}),
+        (["job-log", "7", "--tail", "50"], "", "read_job_log", {"job_id": 7, "tail_lines": 50}),
+        (["refresh"], "", "refresh", {}),
+    ],
+)
+def test_newer_cli_commands_map_to_sidecar_methods(
+    echo: EchoSidecar, argv: list[str], stdin: str, method: str, params: dict[str, Any]
+) -> None:
+    env = {"PATH": os.environ["PATH"], "FORGE_SIDECAR_SOCKET": echo.path}
+    done = subprocess.run(
+        [sys.executable, FORGE, *argv], input=stdin.encode(), capture_output=True, env=env, timeout=60, check=True
+    )
+    assert json.loads(done.stdout) == {"method": method, "params": params}
+    assert [(c["method"], c["params"]) for c in echo.calls] == [(method, params)]
+
+
+def test_mcp_forwards_arguments_unchanged(echo: EchoSidecar) -> None:
+    sent = {
+        "update_progress": {"body": "- [x] \u00e9t\u00e9"},
+        "read_checks": {"ref": "bot-bottle/issue-1"},
+        "read_job_log": {"job_id": 3, "tail_lines": 20},
+        "refresh": {},
+    }
+    lines = [request(n, "tools/call", {"name": name, "arguments": args}) for n, (name, args) in enumerate(sent.items())]
+    answers = converse(lines, socket=echo.path)
+    assert [a["result"]["structuredContent"] for a in answers] == [
+        {"method": name, "params": args} for name, args in sent.items()
+    ]
+    assert [(c["method"], c["params"]) for c in echo.calls] == list(sent.items())
+
+
+@needs_bwrap
+def test_an_mcp_call_costs_little_over_the_raw_socket(rig_factory: Callable[..., Rig]) -> None:
+    bottle = running_bottle(rig_factory().start())
+    issue = bottle.state.issue_number
+    env = {"PATH": os.environ["PATH"], "FORGE_SIDECAR_SOCKET": str(bottle.socket)}
+    raw: list[float] = []
+    through_mcp: list[float] = []
+    argv = [sys.executable, FORGE, "mcp"]
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) as server:
+        assert server.stdin is not None and server.stdout is not None
+        for n in range(30):
+            started = time.perf_counter()
+            direct = forge_client.call("read_issue", {"number": issue}, socket_path=str(bottle.socket))
+            raw.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            server.stdin.write(request(n, "tools/call", {"name": "read_issue", "arguments": {"number": issue}}))
+            server.stdin.flush()
+            answer = json.loads(server.stdout.readline())
+            through_mcp.append(time.perf_counter() - started)
+            assert answer["id"] == n and answer["result"]["structuredContent"] == direct
+        server.stdin.close()
+        assert server.wait(timeout=30) == 0  # stdin closed: the server ends by itself
+    raw_ms, mcp_ms = statistics.median(raw) * 1000, statistics.median(through_mcp) * 1000
+    print(f"FIGURES mcp: read_issue_p50_raw_ms={raw_ms:.2f} read_issue_p50_mcp_ms={mcp_ms:.2f} n=30")
 
 
 # -- in a real bwrap bottle: mcp.json, the PATH, and a scripted MCP session ---------------------
