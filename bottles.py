@@ -40,6 +40,7 @@ import abc
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -50,7 +51,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from config import AgentSpec, BottleSpec, Secret, redact, system_binds, valid_slug
 from gitea import basic_auth_header, branch_for
@@ -152,6 +153,10 @@ class BottlePaths:
         return self.sidecar_dir / "prompt.md"
 
     @property
+    def mcp_config(self) -> Path:
+        return self.sidecar_dir / "mcp.json"
+
+    @property
     def tools(self) -> Path:
         return self.state_dir / "tools"
 
@@ -199,6 +204,18 @@ class BottleContext:
             "FORGE_PR_NUMBER": str(self.pr or ""),
             "FORGE_PROMPT_FILE": f"{IN_FORGE_DIR}/prompt.md" if inside else str(self.paths.prompt),
         }
+
+    def mcp_config(self) -> dict[str, Any]:
+        """``/run/forge/mcp.json`` (DESIGN.md §11). Outside bwrap the host's paths, and the socket
+        named: MCP clients pass a server few of their own variables."""
+        if self.bottle.backend == "local" and self.sandboxed:
+            return {"mcpServers": {"forge": {"command": f"{IN_TOOLS}/forge", "args": ["mcp"]}}}
+        server = {
+            "command": str(self.paths.tools / "forge"),
+            "args": ["mcp"],
+            "env": {"FORGE_SIDECAR_SOCKET": str(self.paths.socket)},
+        }
+        return {"mcpServers": {"forge": server}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,6 +476,12 @@ class Backend(abc.ABC):
         for directory in (paths.root, paths.home, paths.sidecar_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.chmod(directory, 0o700)
+        # A fresh file renamed over the old: whatever an unsandboxed agent left at that name
+        # (a symlink) is replaced, never written through.
+        fd, tmp = tempfile.mkstemp(dir=paths.sidecar_dir, prefix=".mcp-")
+        with os.fdopen(fd, "w") as out:
+            json.dump(ctx.mcp_config(), out, indent=2)
+        os.replace(tmp, paths.mcp_config)
         dot_git = paths.workspace / ".git"
         if dot_git.is_symlink() or dot_git.exists():  # whatever the agent made of it, never re-clone
             return
@@ -738,13 +761,16 @@ class LocalBackend(Backend):
 
     def agent_env(self, ctx: BottleContext) -> dict[str, str]:
         inside = ctx.sandboxed
+        path = f"{IN_TOOLS if inside else ctx.paths.tools}:/usr/local/bin:/usr/bin:/bin"
         env = {
-            "PATH": f"{IN_TOOLS if inside else ctx.paths.tools}:/usr/local/bin:/usr/bin:/bin",
+            "PATH": path,
             "HOME": IN_HOME if inside else str(ctx.paths.home),
             "LANG": "C.UTF-8",
             **ctx.forge_env(inside=inside),
         }
         env.update({key: value.reveal() for key, value in ctx.agent.env})
+        if env["PATH"] != path:  # the agent's own PATH goes first; the forge tool stays on it (§6)
+            env["PATH"] = f"{env['PATH']}:{path}" if env["PATH"] else path
         return env
 
     async def start(self, ctx: BottleContext, *, prompt: str, run: int, resume: bool) -> RunHandle:
