@@ -233,11 +233,9 @@ class ScopedForge:
     def writable(self) -> list[int]:
         return sorted({self.issue, *self.prs})
 
-    def check_write(self, number: int, what: str) -> None:
+    def check_write(self, number: int) -> None:
         if number not in self.writable:
-            raise OutOfScope(
-                f"{what} to #{number}: out of scope (writable: {', '.join(str(n) for n in self.writable)})"
-            )
+            raise OutOfScope(f"out of scope (writable: {', '.join(str(n) for n in self.writable)})")
 
     async def read_issue(self, number: int) -> Issue:
         return await self.forge.read_issue(self.owner, self.repo, number)
@@ -249,11 +247,11 @@ class ScopedForge:
         return await self.forge.read_comments(self.owner, self.repo, number)
 
     async def post_comment(self, number: int, body: str) -> Comment:
-        self.check_write(number, "comment")
+        self.check_write(number)
         return await self.forge.post_comment(self.owner, self.repo, number, body)
 
     async def update_description(self, number: int, body: str) -> None:
-        self.check_write(number, "description")
+        self.check_write(number)
         await self.forge.update_description(self.owner, self.repo, number, body)
 
     async def open_pr(self, *, title: str, body: str, base: str, head: str | None = None) -> PullRequest:

@@ -64,6 +64,7 @@ You hold no forge credentials: reach the forge only with the `forge` tool on you
   forge open-pr --title T --body TEXT
   forge done success|failure|blocked "summary"
 
+The same calls are MCP tools: /run/forge/mcp.json configures any MCP client to run `forge mcp`.
 Commit your work with git, `forge push`, `forge open-pr`, then always finish with `forge done`.
 """
 

@@ -162,10 +162,7 @@ def test_sdk_client_lists_and_calls_every_tool(rig_factory: Callable[..., Rig]) 
             # Out of scope: the sidecar's own words come back as an error result.
             denied = await call("post_comment", number=other, body="not mine")
             assert denied.is_error and denied.structured_content is None
-            assert (
-                text_of(denied)
-                == f"comment to #{other}: out of scope (writable: {issue}, {pr['number']}) (code -32001)"
-            )
+            assert text_of(denied) == f"out of scope (writable: {issue}, {pr['number']}) (code -32001)"
             assert dev.issue(owner, repo, other).comments == []
 
             # The newer methods reach the sidecar and are on the record whether it has them yet or not.

@@ -154,7 +154,7 @@ def test_out_of_scope_writes_are_denied_and_logged(running: Callable[..., Sideca
     denied = [(op, detail) for op, outcome, detail in sc.ops() if outcome == "denied"]
     assert denied[0] == (
         "post_comment",
-        f"denied comment to #{other.number}: comment to #{other.number}: out of scope (writable: {issue})",
+        f"denied comment to #{other.number}: out of scope (writable: {issue})",
     )
     assert [op for op, _ in denied] == ["post_comment", "update_description", "open_pr", "open_pr"]
     assert sc.ok("read_issue", number=other.number)["title"] == "Other"  # reads go anywhere
