@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 from .gitcmd import git_out
-from .records import DevForgeError, IssueRec, OrgRec, RepoRec, UserRec
+from .records import CommentRec, DevForgeError, IssueRec, OrgRec, RepoRec, UserRec
 
 
 class World:
@@ -50,6 +50,13 @@ class World:
         if rec is None:
             raise DevForgeError(404, "not found")
         return rec
+
+    def comment_by_id(self, repo: RepoRec, comment_id: int) -> tuple[IssueRec, CommentRec]:
+        for issue in repo.issues.values():
+            for rec in issue.comments:
+                if rec.id == comment_id:
+                    return issue, rec
+        raise DevForgeError(404, "not found")
 
     def branch_sha(self, repo: RepoRec, branch: str) -> str:
         return git_out(["-C", str(repo.path), "rev-parse", "--verify", "-q", f"refs/heads/{branch}"], check=False)
