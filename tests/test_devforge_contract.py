@@ -333,7 +333,7 @@ def test_ci_and_comment_edit_webhook_entities_validate(forge: Forge) -> None:
     # the job's pending and failure statuses and the external one.
     assert kinds == {
         "issues": 1,
-        "issue_comment": 1,
+        "issue_comment": 2,
         "pull_request": 1,
         "workflow_run": 3,
         "workflow_job": 3,
