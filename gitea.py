@@ -616,6 +616,8 @@ class Gitea(Forge):
         seen = 0
         try:
             async with self._client.stream("GET", path, headers=headers) as response:
+                if response.status_code == 416:  # a Range past an empty log: nothing logged yet
+                    return []
                 if response.status_code not in (200, 206):
                     raise _error_for("GET", path, response, await _read_body("GET", path, response))
                 async for chunk in response.aiter_bytes():

@@ -31,7 +31,7 @@ demo``, imported on its own).
 from __future__ import annotations
 
 from .api import GITEA_VERSION, DevForgeApi
-from .ci import CONCLUSIONS, STATES
+from .ci import CONCLUSIONS, STATES, scripted_ci
 from .forge import REACTIONS, DevForge
 from .githttp import MAX_GIT_BODY
 from .records import (
@@ -88,6 +88,7 @@ __all__ = [
     "go_json",
     "loopback_socket",
     "now",
+    "scripted_ci",
     "seed",
     "sign",
 ]

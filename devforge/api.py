@@ -345,12 +345,21 @@ class DevForgeApi:
             return Response("permission denied\n", status_code=403)
         if perm == "none":
             raise DevForgeError(404, "not found")
-        return await http_backend(
+        pushing = request.method == "POST" and "receive-pack" in service
+        before = await asyncio.to_thread(self.forge.heads, repo) if pushing else {}
+        response = await http_backend(
             request,
             project_root=self.forge.root / "repos",
             path_info=f"/{repo.owner.lower()}/{repo.name.lower()}.git/{rest}",
             remote_user=doer.login,
         )
+        if pushing and self.forge.on_push is not None:
+            # Off the event loop: a callback may run a workflow, which runs git and fires webhooks.
+            after = await asyncio.to_thread(self.forge.heads, repo)
+            for branch, sha in sorted(after.items()):
+                if before.get(branch) != sha:
+                    await asyncio.to_thread(self.forge.on_push, repo.owner, repo.name, branch, sha, doer.login)
+        return response
 
 
 class _Stall:

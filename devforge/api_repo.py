@@ -218,7 +218,9 @@ class RepoRoutes:
         # A suffix range ("bytes=-N", what a tail reader asks for) is honoured, as Go's
         # http.ServeContent does; anything else gets the whole log.
         wanted = re.fullmatch(r"bytes=-(\d{1,18})", request.headers.get("range", ""))
-        if wanted and log and int(wanted.group(1)) > 0:
+        if wanted and not log:  # nothing overlaps an empty file
+            return Response(status_code=416, headers={"Content-Range": "bytes */0"})
+        if wanted and int(wanted.group(1)) > 0:
             start = max(0, len(log) - int(wanted.group(1)))
             headers = {"Content-Range": f"bytes {start}-{len(log) - 1}/{len(log)}"}
             return Response(log[start:], status_code=206, headers=headers, media_type="text/plain; charset=utf-8")

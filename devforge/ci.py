@@ -11,7 +11,8 @@ no ``workflow_*`` webhooks (its Actions notifications are other events): only th
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .gitcmd import git_out
@@ -342,3 +343,32 @@ class CiForge(GiteaJson):
             "started_at": job.started_at or None,
             "completed_at": job.completed_at or None,
         }
+
+
+def scripted_ci(
+    forge: CiForge,
+    conclusions: Sequence[str],
+    *,
+    job: str = "test",
+    logs: Mapping[str, str] | None = None,
+) -> Callable[[str, str, str, str, str], None]:
+    """An ``on_push`` callback: each push to a branch other than the default runs one workflow
+    whose ``job`` ends with the next of ``conclusions`` (the last one repeats), its log
+    ``logs[conclusion]``. The demo's "fails on the first push, passes on the second"."""
+    if not conclusions or any(c not in CONCLUSIONS for c in conclusions):
+        raise ValueError(f"conclusions are some of {CONCLUSIONS}")
+    pushes = 0
+    lock = threading.Lock()
+
+    def on_push(owner: str, name: str, branch: str, sha: str, pusher: str) -> None:
+        nonlocal pushes
+        with forge.lock:
+            if branch == forge.repo(owner, name).default_branch:
+                return
+        with lock:
+            conclusion = conclusions[min(pushes, len(conclusions) - 1)]
+            pushes += 1
+        log = (logs or {}).get(conclusion, f"{job}: {conclusion}\n")
+        forge.run_workflow(owner, name, sha, {job: conclusion}, log=log, user=pusher)
+
+    return on_push

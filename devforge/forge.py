@@ -52,6 +52,9 @@ class DevForge(CiForge):
         # and a stall, seconds every API request waits before it is answered.
         self.fault: Callable[[Request], int | None] | None = None
         self.stall = 0.0
+        # Called as (owner, repo, branch, sha, pusher) for each branch a push over smart HTTP
+        # moved: how a test or the demo runs CI on pushes (see ``scripted_ci``).
+        self.on_push: Callable[[str, str, str, str, str], None] | None = None
         self.app = DevForgeApi(self).app
 
     # -- setup API (also fires webhooks where Gitea would) --------------------------

@@ -61,6 +61,13 @@ class World:
     def branch_sha(self, repo: RepoRec, branch: str) -> str:
         return git_out(["-C", str(repo.path), "rev-parse", "--verify", "-q", f"refs/heads/{branch}"], check=False)
 
+    def heads(self, repo: RepoRec) -> dict[str, str]:
+        """Every branch and the commit it points at."""
+        out = git_out(
+            ["-C", str(repo.path), "for-each-ref", "--format=%(refname:lstrip=2) %(objectname)", "refs/heads"]
+        )
+        return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+
     def read_file(self, owner: str, name: str, ref: str, path: str) -> str:
         return git_out(["-C", str(self.repo(owner, name).path), "show", f"{ref}:{path}"])
 

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import subprocess
 import threading
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 import devforge as df
+from devforge.gitcmd import git_env
 from gitea import MAX_LOG_BYTES, ForgeAuthError, ForgeError, ForgeNotFound, Gitea
 from tests.conftest import Forge, wait_until
 
@@ -532,3 +534,40 @@ def test_a_gitea_forge_still_sends_every_header_family(forge: Forge, receiver: R
     assert headers["x-gitea-hook-installation-target-type"] == "repository"
     assert not [k for k in headers if k.startswith("x-forgejo-")]
     wait_until(lambda: forge.dev.deliveries[0].status == 204, what="the delivery's status")
+
+
+def test_scripted_ci_fails_the_first_push_and_passes_the_second(forge: Forge, short_tmp: Path) -> None:
+    dev, world, o, r = forge.dev, forge.world, forge.owner, forge.repo
+    dev.on_push = df.scripted_ci(dev, ["failure", "success"], logs={"failure": "E   assert 1 == 2\n"})
+    work = short_tmp / "work"
+    env = {**git_env(), "GIT_TERMINAL_PROMPT": "0"}
+    remote = forge.server.url.replace("http://", f"http://{world.bot.login}:{world.bot.token}@") + f"/{o}/{r}.git"
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(work), *args], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    subprocess.run(["git", "clone", "-q", remote, str(work)], env=env, check=True, capture_output=True, timeout=60)
+    shas = []
+    for n in (1, 2):
+        (work / "f.txt").write_text(f"try {n}\n")
+        git("add", "f.txt")
+        git("commit", "-q", "-m", f"try {n}")
+        git("push", "-q", "origin", "HEAD:refs/heads/bot-bottle/issue-1")
+        shas.append(git("rev-parse", "HEAD"))
+    git("push", "-q", "origin", "HEAD:refs/heads/main")  # the default branch runs nothing
+
+    async def go() -> list[list[tuple[str, str]]]:
+        g = gitea(forge)
+        try:
+            out = []
+            for sha in shas:
+                jobs = await g.workflow_jobs(o, r, sha)
+                out.append([(j.conclusion, " ".join(await g.job_log_tail(o, r, j.id))) for j in jobs])
+            return out
+        finally:
+            await g.aclose()
+
+    assert run(go()) == [[("failure", "E   assert 1 == 2")], [("success", "test: success")]]
+    assert len(dev.repo(o, r).runs) == 2
