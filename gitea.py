@@ -405,18 +405,21 @@ class Gitea(Forge):
         json: Any = None,
         params: Mapping[str, str | int] | None = None,
         ok: tuple[int, ...] = (200,),
+        headers: Mapping[str, str] | None = None,
+        tail: int | None = None,
     ) -> tuple[httpx.Response, bytes]:
-        """The answer (status and headers; its stream is closed) and its body, read whole."""
+        """The answer (status and headers; its stream is closed) and its body, read whole (or
+        only its end: see ``_read_body``)."""
         path = path.lstrip("/")
         try:
-            request = self._client.build_request(method, path, json=json, params=params)
+            request = self._client.build_request(method, path, json=json, params=params, headers=headers)
         except UnicodeEncodeError:
             # Text an agent sent may hold a lone surrogate: JSON cannot carry it as UTF-8.
             raise ForgeError(f"{method} /{path}: the text is not valid Unicode (a lone surrogate)") from None
         try:
             response = await self._client.send(request, stream=True)
             try:
-                body = await _read_body(method, path, response)
+                body = await _read_body(method, path, response, tail=tail)
             finally:
                 await response.aclose()  # before the body's end, this drops the connection
         except httpx.TimeoutException as exc:
@@ -522,8 +525,7 @@ class Gitea(Forge):
             )
             data = _parse("GET", path, response, body)
             items = (data.get(key) if isinstance(data, dict) else None) if key else data
-            if items is None:
-                items = []
+            items = [] if items is None else items  # Go's nil slice
             if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
                 raise ForgeError(f"GET /{path}: forge sent no list of objects", status=response.status_code)
             yield items
@@ -579,7 +581,7 @@ class Gitea(Forge):
     async def commit_statuses(self, owner: str, repo: str, ref: str) -> list[CommitStatus]:
         """The latest status of each context on the commit ``ref`` (a sha or a branch) names."""
         latest: dict[str, CommitStatus] = {}
-        path = f"{self._repo_path(owner, repo)}/commits/{quote(ref, safe='')}/statuses"
+        path = f"{self._repo_path(owner, repo)}/commits/{_segment(ref)}/statuses"
         async for items in self._pages(path):
             for status in map(status_from_json, items):
                 if status.context not in latest or status.id > latest[status.context].id:
@@ -592,7 +594,7 @@ class Gitea(Forge):
         runs: list[int] = []
         async for items in self._pages(base, {"head_sha": head_sha}, key="workflow_runs"):
             # A forge that ignores the filter (an older Gitea) lists every run: keep only ours.
-            runs += [int(r["id"]) for r in items if r.get("head_sha") == head_sha and "id" in r]
+            runs += [r["id"] for r in items if r.get("head_sha") == head_sha and isinstance(r.get("id"), int)]
         jobs: list[Job] = []
         for run in sorted(set(runs), reverse=True):
             async for items in self._pages(f"{base}/{run}/jobs", key="jobs"):
@@ -611,35 +613,21 @@ class Gitea(Forge):
         in chunks keeping only the end, and refused past ``MAX_LOG_BYTES``.
         """
         path = f"{self._repo_path(owner, repo)}/actions/jobs/{int(job_id)}/logs"
+        max_bytes = max(1, max_bytes)
         headers = {"Range": f"bytes=-{max_bytes}", "Accept": "text/plain"}
-        tail = bytearray()
-        seen = 0
-        try:
-            async with self._client.stream("GET", path, headers=headers) as response:
-                if response.status_code == 416:  # a Range past an empty log: nothing logged yet
-                    return []
-                if response.status_code not in (200, 206):
-                    raise _error_for("GET", path, response, await _read_body("GET", path, response))
-                async for chunk in response.aiter_bytes():
-                    seen += len(chunk)
-                    if seen > MAX_LOG_BYTES:
-                        raise ForgeError(f"GET /{path}: the job's log is over {MAX_LOG_BYTES} bytes")
-                    tail += chunk
-                    del tail[:-max_bytes]
-        except httpx.TimeoutException as exc:
-            raise ForgeUnavailable(f"GET {path}: forge timed out") from exc
-        except httpx.HTTPError as exc:
-            raise ForgeUnavailable(f"GET {path}: forge unreachable ({type(exc).__name__})") from exc
-        text = tail.decode("utf-8", errors="replace").splitlines()
-        cut = seen > len(tail) or not response.headers.get("content-range", "bytes 0-").startswith("bytes 0-")
+        # 416: a Range past an empty log, nothing logged yet.
+        response, body = await self._request("GET", path, headers=headers, ok=(200, 206, 416), tail=max_bytes)
+        if response.status_code == 416:
+            return []
+        cut = len(body) > max_bytes or not response.headers.get("content-range", "bytes 0-").startswith("bytes 0-")
+        text = body[-max_bytes:].decode("utf-8", errors="replace").splitlines()
         if cut and len(text) > 1:
             text = text[1:]  # the first line was cut: its start is before the tail
         return text[-max(1, lines) :]
 
     async def list_hooks(self, owner: str, repo: str) -> list[Hook]:
-        return [
-            hook_from_json(h) async for items in self._pages(f"{self._repo_path(owner, repo)}/hooks") for h in items
-        ]
+        path = f"{self._repo_path(owner, repo)}/hooks"
+        return [hook_from_json(hook) async for items in self._pages(path) for hook in items]
 
     async def create_hook(self, owner: str, repo: str, url: str, secret: str, events: Iterable[str]) -> Hook:
         # Gitea creates an inactive hook unless asked for an active one.
@@ -659,10 +647,9 @@ class Gitea(Forge):
 
     async def branch_sha(self, owner: str, repo: str, branch: str) -> str | None:
         """The commit ``branch`` points at, or None if there is no such branch."""
-        if any(part in ("", ".", "..") for part in branch.split("/")):
-            raise ForgeError(f"not a branch name: {branch[:100]!r}")
+        path = "/".join(_segment(part) for part in branch.split("/"))  # Gitea's route is /branches/*
         try:
-            data = await self._json("GET", f"{self._repo_path(owner, repo)}/branches/{quote(branch, safe='/')}")
+            data = await self._json("GET", f"{self._repo_path(owner, repo)}/branches/{path}")
         except ForgeNotFound:
             return None
         commit = data.get("commit") if isinstance(data, dict) else None
@@ -670,19 +657,24 @@ class Gitea(Forge):
         return str(sha) if sha else None
 
 
-async def _read_body(method: str, path: str, response: httpx.Response) -> bytes:
-    """The answer's body, refused as soon as it is known to be over ``MAX_RESPONSE_BYTES``."""
-    too_big = ForgeError(
-        f"{method} /{path}: the forge's answer is over {MAX_RESPONSE_BYTES} bytes", status=response.status_code
-    )
+async def _read_body(method: str, path: str, response: httpx.Response, *, tail: int | None = None) -> bytes:
+    """The answer's body, refused as soon as it is known to be over ``MAX_RESPONSE_BYTES``; with
+    ``tail``, only its last ``tail + 1`` bytes (one more than asked says it was cut), refused past
+    ``MAX_LOG_BYTES``."""
+    cap = MAX_RESPONSE_BYTES if tail is None else MAX_LOG_BYTES
+    too_big = ForgeError(f"{method} /{path}: the forge's answer is over {cap} bytes", status=response.status_code)
     declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+    if declared.isdigit() and int(declared) > cap:
         raise too_big
     body = bytearray()
+    seen = 0
     async for chunk in response.aiter_bytes():  # as the transport reads them: 64 KiB at most
-        body += chunk
-        if len(body) > MAX_RESPONSE_BYTES:
+        seen += len(chunk)
+        if seen > cap:
             raise too_big
+        body += chunk
+        if tail is not None:
+            del body[: -(tail + 1)]
     return bytes(body)
 
 
@@ -715,6 +707,16 @@ def _error_for(method: str, path: str, response: httpx.Response, body: bytes) ->
     else:
         cls = ForgeError
     return cls(text, status=status)
+
+
+def _segment(value: str) -> str:
+    """``value`` as one URL path segment; refused if it is not one (an agent may choose it)."""
+    if value in ("", ".", "..") or len(value) > 1024:
+        raise ForgeError(f"not a name the forge can look up: {value[:100]!r}")
+    try:
+        return quote(value, safe="")
+    except UnicodeEncodeError:
+        raise ForgeError("not a name the forge can look up: it is not valid Unicode") from None
 
 
 def _login(user: Any) -> str:

@@ -174,8 +174,12 @@ def test_commit_statuses_are_the_latest_per_context_by_sha_or_branch(forge: Forg
                 assert not next(s for s in statuses if s.context == "ci/lint").failed
             assert [s.state for s in await g.commit_statuses(o, r, "main")] == ["error"]
             # No option or revision syntax reaches git; unknown refs are 404.
-            for hostile in ("--output=/tmp/x", "main^{tree}", "main~1", "../main", "HEAD", "nope"):
+            for hostile in ("--output=/tmp/x", "main^{tree}", "main~1", "../main", "HEAD", "nope", sha[:39] + "g"):
                 with pytest.raises(ForgeNotFound):
+                    await g.commit_statuses(o, r, hostile)
+            # Refused before any request: no dot segment to climb the path, no lone surrogate.
+            for hostile in ("..", ".", "", "\udc80", "x" * 5000):
+                with pytest.raises(ForgeError, match="not a name"):
                     await g.commit_statuses(o, r, hostile)
         finally:
             await g.aclose()
@@ -378,7 +382,7 @@ def test_branch_sha(forge: Forge) -> None:
             assert await g.branch_sha(o, r, "bot-bottle/issue-3") == sha
             assert await g.branch_sha(o, r, "main") == dev.branch_sha(dev.repo(o, r), "main")
             assert await g.branch_sha(o, r, "bot-bottle/issue-4") is None
-            for hostile in ("../hooks", "a//b", "./main"):
+            for hostile in ("../hooks", "a//b", "./main", "main/\udc80", "/main"):
                 with pytest.raises(ForgeError):
                     await g.branch_sha(o, r, hostile)
             assert await g.branch_sha(o, r, "main^{tree}") is None
