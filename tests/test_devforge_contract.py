@@ -291,6 +291,11 @@ def test_the_names_tests_benchmarks_and_the_cli_use_are_still_there() -> None:
         assert name in df.__all__ and callable(getattr(df, name))
     for name in ("Delivery", "HookRec", "IssueRec", "UserRec", "DevForgeError", "DevForgeApi"):
         assert isinstance(getattr(df, name), type)
+    # Issue 19's: `forgebottle devforge --flavor` offers FLAVORS; the demo's CI round uses scripted_ci.
+    assert df.FLAVORS == ("gitea", "forgejo") and callable(df.scripted_ci)
+    assert "eyes" in df.REACTIONS and "failure" in df.STATES and "failure" in df.CONCLUSIONS
+    for name in ("StatusRec", "RunRec", "JobRec", "ReactionRec"):
+        assert isinstance(getattr(df, name), type)
     # Through the package: Go's escaping and Gitea's bare-hex signature.
     assert df.go_json({"a": "<&>"}) == b'{\n  "a": "\\u003c\\u0026\\u003e"\n}'
     assert df.sign("s", b"{}") == hmac.new(b"s", b"{}", hashlib.sha256).hexdigest()
