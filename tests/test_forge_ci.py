@@ -59,6 +59,10 @@ class Receiver:
         with self._lock:
             return [(h, json.loads(b)) for h, b in self.got if h["path"] == f"/hook/{name}"]
 
+    def bodies(self, name: str) -> list[bytes]:
+        with self._lock:
+            return [b for h, b in self.got if h["path"] == f"/hook/{name}"]
+
     def events(self, name: str) -> list[str]:
         return [h.get("x-gitea-event-type") or h.get("x-forgejo-event-type", "?") for h, _ in self.to(name)]
 
@@ -418,8 +422,7 @@ def test_ci_webhooks_arrive_signed_with_their_event_types_and_gitea_payloads(for
         "workflow_job",
         "workflow_run",
     ]
-    with receiver._lock:
-        raw_bodies = [b for h, b in receiver.got if h["path"] == "/hook/ci"]
+    raw_bodies = receiver.bodies("ci")
     for (headers, payload), body in zip(got, raw_bodies, strict=True):
         event = headers["x-gitea-event-type"]
         assert headers["x-gitea-event"] == event  # CI events are their own coarse event
@@ -516,8 +519,7 @@ def test_forgejo_sends_its_own_headers_and_no_gitea_ones(forgejo: Forge, receive
     got = receiver.to("fj")
     # Forgejo's Actions send other events than Gitea's workflow_*: the statuses carry CI.
     assert receiver.events("fj") == ["issues", "status", "status"]
-    with receiver._lock:
-        raw_bodies = [b for h, b in receiver.got if h["path"] == "/hook/fj"]
+    raw_bodies = receiver.bodies("fj")
     for (headers, payload), body in zip(got, raw_bodies, strict=True):
         assert not [k for k in headers if k.startswith(("x-gitea-", "x-gogs-"))]
         event = headers["x-forgejo-event-type"]
