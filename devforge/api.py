@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .api_repo import RepoRoutes
 from .githttp import http_backend
 from .records import DevForgeError, UserRec
 
@@ -54,6 +55,7 @@ class DevForgeApi:
             Route(f"{api}{r}/pulls", self._pulls, methods=["GET", "POST"]),
             Route(f"{api}{r}/pulls/{{index:int}}", self._pull, methods=["GET"]),
             Route(f"{api}{r}/pulls/{{index:int}}/merge", self._merge, methods=["GET", "POST"]),
+            *RepoRoutes(self).routes(f"{api}{r}"),
             Route("/{owner}/{repo}.git/{rest:path}", self._git_http, methods=["GET", "POST"]),
         ]
         return Starlette(
@@ -97,7 +99,7 @@ class DevForgeApi:
                     return rec
         raise DevForgeError(401, "invalid username, password or token")
 
-    def _doer(self, request: Request) -> UserRec:
+    def doer(self, request: Request) -> UserRec:
         doer = self._auth(request)
         assert doer is not None
         return doer
@@ -106,20 +108,20 @@ class DevForgeApi:
         return JSONResponse({"version": GITEA_VERSION})
 
     async def _me(self, request: Request) -> Response:
-        doer = self._doer(request)
+        doer = self.doer(request)
         data = self.forge.user_json(doer.login)
         data["is_admin"] = doer.is_admin
         return JSONResponse(data)
 
     async def _org(self, request: Request) -> Response:
-        self._doer(request)
+        self.doer(request)
         org = self.forge.orgs.get(request.path_params["org"].lower())
         if org is None:
             raise DevForgeError(404, "not found")
         return JSONResponse(self.forge.org_json(org))
 
     async def _member(self, request: Request) -> Response:
-        doer = self._doer(request)
+        doer = self.doer(request)
         with self.forge.lock:
             org = self.forge.orgs.get(request.path_params["org"].lower())
             target = self.forge.users.get(request.path_params["username"].lower())
@@ -140,13 +142,13 @@ class DevForgeApi:
             return Response(status_code=204 if ok else 404)
 
     async def _get_repo(self, request: Request) -> Response:
-        doer = self._doer(request)
+        doer = self.doer(request)
         with self.forge.lock:
             repo = self.forge.repo(request.path_params["owner"], request.path_params["repo"])
             return JSONResponse(self.forge.repo_json(repo, doer.login))
 
     async def _permission(self, request: Request) -> Response:
-        doer = self._doer(request)
+        doer = self.doer(request)
         with self.forge.lock:
             repo = self.forge.repo(request.path_params["owner"], request.path_params["repo"])
             target = self.forge.user(request.path_params["collaborator"])
@@ -163,7 +165,7 @@ class DevForgeApi:
             perm = self.forge.permission(repo, target.login)
             return JSONResponse({"permission": perm, "role_name": perm, "user": self.forge.user_json(target.login)})
 
-    async def _read_json(self, request: Request) -> dict[str, Any]:
+    async def read_json(self, request: Request) -> dict[str, Any]:
         try:
             data = json.loads(await request.body() or b"{}")
         except ValueError as exc:
@@ -173,8 +175,8 @@ class DevForgeApi:
         return data
 
     async def _create_issue(self, request: Request) -> Response:
-        doer = self._doer(request)
-        data = await self._read_json(request)
+        doer = self.doer(request)
+        data = await self.read_json(request)
         if not data.get("title"):
             raise DevForgeError(422, "[Title]: Required")
         with self.forge.lock:
@@ -190,14 +192,14 @@ class DevForgeApi:
             return JSONResponse(self.forge.issue_json(repo, issue), status_code=201)
 
     async def _issue(self, request: Request) -> Response:
-        doer = self._doer(request)
+        doer = self.doer(request)
         owner, name, number = request.path_params["owner"], request.path_params["repo"], request.path_params["index"]
         if request.method == "GET":
             with self.forge.lock:
                 return JSONResponse(
                     self.forge.issue_json(self.forge.repo(owner, name), self.forge.issue(owner, name, number))
                 )
-        data = await self._read_json(request)
+        data = await self.read_json(request)
         with self.forge.lock:
             repo, issue = self.forge.repo(owner, name), self.forge.issue(owner, name, number)
             if doer.login.lower() != issue.user.lower() and self.forge.permission(repo, doer.login) not in (
@@ -222,7 +224,7 @@ class DevForgeApi:
             return JSONResponse(self.forge.issue_json(repo, issue), status_code=201)
 
     async def _comments(self, request: Request) -> Response:
-        doer = self._doer(request)
+        doer = self.doer(request)
         owner, name, number = request.path_params["owner"], request.path_params["repo"], request.path_params["index"]
         if request.method == "GET":
             with self.forge.lock:
@@ -234,7 +236,7 @@ class DevForgeApi:
                 items = [self.forge.comment_json(repo, issue, c) for c in issue.comments]
                 # No page/limit: everything at once, with a count and no Link.
                 return JSONResponse(items, headers={"X-Total-Count": str(len(items))})
-        data = await self._read_json(request)
+        data = await self.read_json(request)
         body = data.get("body")
         if not isinstance(body, str) or not body:
             raise DevForgeError(422, "[Body]: Required")
@@ -244,10 +246,10 @@ class DevForgeApi:
             return JSONResponse(self.forge.comment_json(repo, issue, rec), status_code=201)
 
     async def _labels(self, request: Request) -> Response:
-        doer = self._doer(request)
+        doer = self.doer(request)
         owner, name, number = request.path_params["owner"], request.path_params["repo"], request.path_params["index"]
         if request.method == "POST":
-            data = await self._read_json(request)
+            data = await self.read_json(request)
             names = [str(n) for n in data.get("labels") or [] if isinstance(n, str)]
             with self.forge.lock:
                 repo, issue = self.forge.repo(owner, name), self.forge.issue(owner, name, number)
@@ -259,10 +261,10 @@ class DevForgeApi:
             return JSONResponse([self.forge.label_json(repo, n) for n in issue.labels])
 
     async def _pulls(self, request: Request) -> Response:
-        doer = self._doer(request)
+        doer = self.doer(request)
         owner, name = request.path_params["owner"], request.path_params["repo"]
         if request.method == "POST":
-            data = await self._read_json(request)
+            data = await self.read_json(request)
             if not data.get("title"):
                 raise DevForgeError(422, "[Title]: Required")
             with self.forge.lock:
@@ -305,7 +307,7 @@ class DevForgeApi:
             return JSONResponse([self.forge.pr_json(repo, i) for i in chunk], headers=headers)
 
     async def _pull(self, request: Request) -> Response:
-        self._doer(request)
+        self.doer(request)
         with self.forge.lock:
             repo = self.forge.repo(request.path_params["owner"], request.path_params["repo"])
             issue = repo.issues.get(request.path_params["index"])
@@ -314,7 +316,7 @@ class DevForgeApi:
             return JSONResponse(self.forge.pr_json(repo, issue))
 
     async def _merge(self, request: Request) -> Response:
-        doer = self._doer(request)
+        doer = self.doer(request)
         owner, name, number = request.path_params["owner"], request.path_params["repo"], request.path_params["index"]
         with self.forge.lock:
             issue = self.forge.issue(owner, name, number)
@@ -343,12 +345,21 @@ class DevForgeApi:
             return Response("permission denied\n", status_code=403)
         if perm == "none":
             raise DevForgeError(404, "not found")
-        return await http_backend(
+        pushing = request.method == "POST" and "receive-pack" in service
+        before = await asyncio.to_thread(self.forge.heads, repo) if pushing else {}
+        response = await http_backend(
             request,
             project_root=self.forge.root / "repos",
             path_info=f"/{repo.owner.lower()}/{repo.name.lower()}.git/{rest}",
             remote_user=doer.login,
         )
+        if pushing and self.forge.on_push is not None:
+            # Off the event loop: a callback may run a workflow, which runs git and fires webhooks.
+            after = await asyncio.to_thread(self.forge.heads, repo)
+            for branch, sha in sorted(after.items()):
+                if before.get(branch) != sha:
+                    await asyncio.to_thread(self.forge.on_push, repo.owner, repo.name, branch, sha, doer.login)
+        return response
 
 
 class _Stall:

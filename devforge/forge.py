@@ -13,6 +13,7 @@ from typing import Any
 from starlette.requests import Request
 
 from .api import DevForgeApi
+from .ci import CiForge
 from .gitcmd import git, git_env, git_out
 from .records import (
     CommentRec,
@@ -23,27 +24,37 @@ from .records import (
     LabelRec,
     OrgRec,
     PullRec,
+    ReactionRec,
     RepoRec,
     UserRec,
     now,
 )
-from .render import GiteaJson
-from .webhooks import Outbox, delivery_for, subscribed
+from .webhooks import FLAVORS, Flavor, Outbox
+
+# Gitea's default [ui] REACTIONS.
+REACTIONS = ("+1", "-1", "laugh", "hooray", "confused", "heart", "rocket", "eyes")
 
 
-class DevForge(GiteaJson):
+class DevForge(CiForge):
     """An in-memory Gitea. ``base_url`` is where it is served (set once the port is known).
 
     ``app`` is its HTTP face (``DevForgeApi``); the methods below change the world directly.
+    ``flavor="forgejo"`` makes it send Forgejo's webhook headers instead of Gitea's.
     """
 
-    def __init__(self, root: Path, base_url: str = "http://127.0.0.1:3000/") -> None:
+    def __init__(self, root: Path, base_url: str = "http://127.0.0.1:3000/", *, flavor: Flavor = "gitea") -> None:
         super().__init__(root, base_url)
+        if flavor not in FLAVORS:
+            raise ValueError(f"flavor is one of {FLAVORS}, not {flavor!r}")
+        self.flavor = flavor
         self.outbox = Outbox()
         # Failure injection for outage tests: a callable returning a status to answer, or None;
         # and a stall, seconds every API request waits before it is answered.
         self.fault: Callable[[Request], int | None] | None = None
         self.stall = 0.0
+        # Called as (owner, repo, branch, sha, pusher) for each branch a push over smart HTTP
+        # moved: how a test or the demo runs CI on pushes (see ``scripted_ci``).
+        self.on_push: Callable[[str, str, str, str, str], None] | None = None
         self.app = DevForgeApi(self).app
 
     # -- setup API (also fires webhooks where Gitea would) --------------------------
@@ -101,12 +112,23 @@ class DevForge(GiteaJson):
         git(["-C", git_dir, "update-ref", f"refs/heads/{branch}", sha])
         return sha
 
-    def add_label(self, owner: str, name: str, label: str) -> LabelRec:
+    def add_label(self, owner: str, name: str, label: str, *, color: str = "e11d21", description: str = "") -> LabelRec:
+        """The label ``label``, created if the repository has none of that name."""
         with self.lock:
             repo = self.repo(owner, name)
             rec = repo.labels.get(label)
             if rec is None:
-                rec = repo.labels[label] = LabelRec(self._next_id(), label)
+                rec = repo.labels[label] = LabelRec(self._next_id(), label, color, description)
+            return rec
+
+    def create_label(self, owner: str, name: str, label: str, *, color: str, description: str = "") -> LabelRec:
+        """``POST /labels``: Gitea creates a second label of a name it already has."""
+        with self.lock:
+            repo = self.repo(owner, name)
+            if label not in repo.labels:
+                return self.add_label(owner, name, label, color=color, description=description)
+            rec = LabelRec(self._next_id(), label, color, description)
+            repo.duplicate_labels.append(rec)
             return rec
 
     def add_hook(
@@ -124,9 +146,10 @@ class DevForge(GiteaJson):
             "pull_request_comment",
             "pull_request_review",
         ),
+        active: bool = True,
     ) -> HookRec:
         with self.lock:
-            hook = HookRec(self._next_id(), url, secret, content_type, frozenset(events))
+            hook = HookRec(self._next_id(), url, secret, content_type, frozenset(events), active)
             self.repo(owner, name).hooks.append(hook)
             return hook
 
@@ -223,18 +246,58 @@ class DevForge(GiteaJson):
             stamp = now()
             rec = CommentRec(self._next_id(), self.user(user).login, body, stamp, stamp)
             issue.comments.append(rec)
-            payload: dict[str, Any] = {
-                "action": "created",
-                "issue": self.issue_json(repo, issue),
-                "comment": self.comment_json(repo, issue, rec),
-                "repository": self.repo_json(repo, user),
-                "sender": self.user_json(user),
-                "is_pull": issue.pull is not None,
-            }
-            if issue.pull is not None:
-                payload["pull_request"] = self.pr_json(repo, issue)
-            self._emit(repo, "pull_request_comment" if issue.pull else "issue_comment", payload)
+            self._comment_event(repo, issue, rec, "created", user)
             return rec
+
+    def edit_comment(self, owner: str, name: str, comment_id: int, body: str, *, user: str) -> CommentRec:
+        """A comment's new body, and the ``edited`` webhook with the old one in ``changes``."""
+        with self.lock:
+            repo = self.repo(owner, name)
+            issue, rec = self.comment_by_id(repo, comment_id)
+            old, rec.body, rec.updated_at = rec.body, body, now()
+            if old != body:
+                self._comment_event(repo, issue, rec, "edited", user, changes={"body": {"from": old}})
+            return rec
+
+    def _comment_event(
+        self,
+        repo: RepoRec,
+        issue: IssueRec,
+        rec: CommentRec,
+        action: str,
+        user: str,
+        changes: dict[str, Any] | None = None,
+    ) -> None:
+        """IssueCommentPayload: pull_request only on PRs, changes only on an edit."""
+        payload: dict[str, Any] = {"action": action, "issue": self.issue_json(repo, issue)}
+        if issue.pull is not None:
+            payload["pull_request"] = self.pr_json(repo, issue)
+        payload["comment"] = self.comment_json(repo, issue, rec)
+        if changes:
+            payload["changes"] = changes
+        payload |= {"repository": self.repo_json(repo, user), "sender": self.user_json(user)}
+        payload["is_pull"] = issue.pull is not None
+        self._emit(repo, "pull_request_comment" if issue.pull else "issue_comment", payload)
+
+    def react(
+        self, owner: str, name: str, *, user: str, content: str, issue: int | None = None, comment_id: int | None = None
+    ) -> tuple[ReactionRec, bool]:
+        """A reaction on an issue or a comment, and whether it is new (Gitea sends no webhook)."""
+        if content not in REACTIONS:
+            raise DevForgeError(403, f"'{content[:40]}' is not an allowed reaction")
+        with self.lock:
+            repo = self.repo(owner, name)
+            if comment_id is not None:
+                target = self.comment_by_id(repo, comment_id)[1].reactions
+            else:
+                target = self.issue(owner, name, int(issue or 0)).reactions
+            login = self.user(user).login
+            for rec in target:
+                if rec.user == login and rec.content == content:
+                    return rec, False
+            rec = ReactionRec(login, content, now())
+            target.append(rec)
+            return rec, True
 
     def review(self, owner: str, name: str, number: int, body: str, *, user: str, kind: str = "comment") -> None:
         """A submitted review: ``kind`` is ``comment``, ``approved`` or ``rejected``."""
@@ -312,11 +375,6 @@ class DevForge(GiteaJson):
         self.edit_issue(owner, name, number, by=user, state="closed")
 
     # -- webhooks -------------------------------------------------------------------
-
-    def _emit(self, repo: RepoRec, event_type: str, payload: dict[str, Any]) -> None:
-        for hook in repo.hooks:
-            if subscribed(hook, event_type):
-                self.outbox.send(delivery_for(hook, event_type, payload))
 
     @property
     def deliveries(self) -> list[Delivery]:

@@ -39,12 +39,20 @@ class OrgRec:
 
 
 @dataclasses.dataclass
+class ReactionRec:
+    user: str
+    content: str
+    created_at: str
+
+
+@dataclasses.dataclass
 class CommentRec:
     id: int
     user: str
     body: str
     created_at: str
     updated_at: str
+    reactions: list[ReactionRec] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -73,6 +81,7 @@ class IssueRec:
     comments: list[CommentRec] = dataclasses.field(default_factory=list)
     closed_at: str | None = None
     pull: PullRec | None = None
+    reactions: list[ReactionRec] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -82,6 +91,8 @@ class HookRec:
     secret: str
     content_type: str = "json"
     events: frozenset[str] = frozenset({"issues", "pull_request"})
+    active: bool = True
+    created_at: str = dataclasses.field(default_factory=now)
 
 
 @dataclasses.dataclass
@@ -90,6 +101,57 @@ class LabelRec:
     name: str
     color: str = "e11d21"
     description: str = ""
+
+
+@dataclasses.dataclass
+class StatusRec:
+    """A commit status, as ``POST /statuses/{sha}`` (or an Actions job) records it."""
+
+    id: int
+    sha: str
+    state: str
+    context: str
+    description: str
+    target_url: str
+    creator: str
+    created_at: str
+
+
+@dataclasses.dataclass
+class JobRec:
+    """An Actions job: ``status`` queued/in_progress/completed, ``conclusion`` once completed."""
+
+    id: int
+    run_id: int
+    index: int  # its place in the run, as the web UI's /jobs/<index> counts
+    name: str
+    conclusion_when_done: str
+    log: bytes
+    created_at: str
+    status: str = "queued"
+    conclusion: str = ""
+    started_at: str = ""
+    completed_at: str = ""
+
+
+@dataclasses.dataclass
+class RunRec:
+    """An Actions workflow run of ``workflow`` (a file under .gitea/workflows) at ``head_sha``."""
+
+    id: int
+    workflow: str
+    title: str
+    head_sha: str
+    head_branch: str
+    event: str
+    actor: str
+    created_at: str
+    jobs: list[JobRec] = dataclasses.field(default_factory=list)
+    pull_number: int | None = None
+    status: str = "queued"
+    conclusion: str = ""
+    started_at: str = ""
+    completed_at: str = ""
 
 
 @dataclasses.dataclass
@@ -103,7 +165,10 @@ class RepoRec:
     collaborators: dict[str, str] = dataclasses.field(default_factory=dict)
     issues: dict[int, IssueRec] = dataclasses.field(default_factory=dict)
     labels: dict[str, LabelRec] = dataclasses.field(default_factory=dict)
+    duplicate_labels: list[LabelRec] = dataclasses.field(default_factory=list)  # Gitea allows them
     hooks: list[HookRec] = dataclasses.field(default_factory=list)
+    statuses: list[StatusRec] = dataclasses.field(default_factory=list)
+    runs: list[RunRec] = dataclasses.field(default_factory=list)
 
     @property
     def full_name(self) -> str:

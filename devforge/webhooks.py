@@ -9,7 +9,7 @@ import json
 import queue
 import threading
 import uuid
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlencode
 
 import httpx
@@ -30,6 +30,10 @@ SUBSCRIPTIONS: dict[str, set[str]] = {
     "pull_request_review_approved": {"pull_request", "pull_request_review"},
     "pull_request_review_rejected": {"pull_request", "pull_request_review"},
     "pull_request_review_comment": {"pull_request", "pull_request_review"},
+    # CI events are their own subscriptions: no group includes them.
+    "status": {"status"},
+    "workflow_run": {"workflow_run"},
+    "workflow_job": {"workflow_job"},
 }
 # X-Gitea-Event (coarse) for each X-Gitea-Event-Type (fine). Note the review trap.
 COARSE_EVENT = {
@@ -43,7 +47,14 @@ COARSE_EVENT = {
     "pull_request_review_approved": "pull_request_approved",
     "pull_request_review_rejected": "pull_request_rejected",
     "pull_request_review_comment": "pull_request_comment",
+    "status": "status",
+    "workflow_run": "workflow_run",
+    "workflow_job": "workflow_job",
 }
+# Which header families a forge sends. A strict Forgejo sends only its own (and GitHub's
+# look-alikes), so a receiver still leaning on Gitea's or Gogs' names is caught.
+Flavor = Literal["gitea", "forgejo"]
+FLAVORS: tuple[Flavor, ...] = ("gitea", "forgejo")
 
 
 def go_json(payload: Any) -> bytes:
@@ -61,31 +72,30 @@ def subscribed(hook: HookRec, event_type: str) -> bool:
     return bool(SUBSCRIPTIONS.get(event_type, {event_type}) & hook.events)
 
 
-def delivery_for(hook: HookRec, event_type: str, payload: dict[str, Any]) -> Delivery:
-    """The request Gitea would send ``hook`` for ``payload``: body, signatures, headers."""
+def delivery_for(hook: HookRec, event_type: str, payload: dict[str, Any], flavor: Flavor = "gitea") -> Delivery:
+    """The request Gitea (or Forgejo) would send ``hook`` for ``payload``: body, signatures, headers."""
     body = go_json(payload)
     signature = sign(hook.secret, body) if hook.secret else ""
     delivery_id = str(uuid.uuid4())
     coarse = COARSE_EVENT.get(event_type, event_type)
-    headers = {
-        "User-Agent": "Go-http-client/1.1",
-        "X-Gitea-Delivery": delivery_id,
-        "X-Gitea-Event": coarse,
-        "X-Gitea-Event-Type": event_type,
-        "X-Gitea-Signature": signature,
-        "X-Gogs-Delivery": delivery_id,
-        "X-Gogs-Event": coarse,
-        "X-Gogs-Event-Type": event_type,
-        "X-Gogs-Signature": signature,
+    families = ("Forgejo",) if flavor == "forgejo" else ("Gitea", "Gogs")
+    headers = {"User-Agent": "Go-http-client/1.1"}
+    for family in families:
+        headers[f"X-{family}-Delivery"] = delivery_id
+        headers[f"X-{family}-Event"] = coarse
+        headers[f"X-{family}-Event-Type"] = event_type
+        headers[f"X-{family}-Signature"] = signature
+    headers |= {
         "X-Hub-Signature-256": f"sha256={signature}",
         "X-Hub-Signature": "sha1="
         + (hmac.new(hook.secret.encode(), body, hashlib.sha1).hexdigest() if hook.secret else ""),
         "X-GitHub-Delivery": delivery_id,
         "X-GitHub-Event": coarse,
         "X-GitHub-Event-Type": event_type,
-        "X-Gitea-Hook-Installation-Target-Type": "repository",
         "X-GitHub-Hook-Installation-Target-Type": "repository",
     }
+    if flavor == "gitea":
+        headers["X-Gitea-Hook-Installation-Target-Type"] = "repository"
     if hook.content_type == "form":
         # A form hook signs the JSON, not the form body it sends (as Gitea does).
         wire = urlencode({"payload": body.decode()}).encode()

@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 from .gitcmd import git_out
-from .records import DevForgeError, IssueRec, OrgRec, RepoRec, UserRec
+from .records import CommentRec, DevForgeError, IssueRec, OrgRec, RepoRec, UserRec
 
 
 class World:
@@ -51,8 +51,22 @@ class World:
             raise DevForgeError(404, "not found")
         return rec
 
+    def comment_by_id(self, repo: RepoRec, comment_id: int) -> tuple[IssueRec, CommentRec]:
+        for issue in repo.issues.values():
+            for rec in issue.comments:
+                if rec.id == comment_id:
+                    return issue, rec
+        raise DevForgeError(404, "not found")
+
     def branch_sha(self, repo: RepoRec, branch: str) -> str:
         return git_out(["-C", str(repo.path), "rev-parse", "--verify", "-q", f"refs/heads/{branch}"], check=False)
+
+    def heads(self, repo: RepoRec) -> dict[str, str]:
+        """Every branch and the commit it points at."""
+        out = git_out(
+            ["-C", str(repo.path), "for-each-ref", "--format=%(refname:lstrip=2) %(objectname)", "refs/heads"]
+        )
+        return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
 
     def read_file(self, owner: str, name: str, ref: str, path: str) -> str:
         return git_out(["-C", str(self.repo(owner, name).path), "show", f"{ref}:{path}"])

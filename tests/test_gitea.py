@@ -11,16 +11,22 @@ import httpx
 import pytest
 
 from gitea import (
+    CommitStatus,
     ForgeAuthError,
     ForgeConflict,
     ForgeError,
     ForgeNotFound,
     ForgeUnavailable,
     Gitea,
+    Label,
     OrgNotVisible,
     OutOfScope,
     ScopedForge,
     closes,
+    hook_from_json,
+    job_from_json,
+    label_from_json,
+    status_from_json,
 )
 from tests.conftest import Forge
 
@@ -238,3 +244,58 @@ def test_devforge_answers_401_to_a_token_with_non_ascii_bytes(forge: Forge) -> N
     # As Gitea does; the comparison once raised TypeError (a 500) for such a header.
     answer = httpx.get(f"{forge.api}/user", headers={b"Authorization": b"token \xe9\xe9"}, timeout=10)
     assert answer.status_code == 401
+
+
+def test_ci_entities_are_parsed_defensively() -> None:
+    # The API says "status", a webhook says "state"; Go's nulls and missing keys become "".
+    assert status_from_json({"id": 3, "status": "failure", "context": "c", "target_url": None}) == CommitStatus(
+        3, "c", "failure", "", ""
+    )
+    webhook = status_from_json({"id": 4, "state": "error", "context": None, "description": None})
+    assert (webhook.state, webhook.context, webhook.failed) == ("error", "", True)
+    assert not status_from_json({"id": 5, "status": "warning"}).failed  # not a failure: any other state
+    job = job_from_json({"id": 9, "run_id": None, "name": "t", "status": "in_progress", "conclusion": None})
+    assert (job.run_id, job.conclusion, job.failed) == (0, "", False)
+    assert job_from_json({"id": 9, "status": "completed", "conclusion": "failure"}).failed
+    hook = hook_from_json({"id": 1, "config": None, "events": None, "active": "yes"})
+    assert (hook.url, hook.events, hook.active) == ("", (), False)  # only JSON true is active
+    assert label_from_json({"id": 2, "name": "x", "color": "#00aabb", "description": None}) == Label(2, "x", "00aabb")
+
+
+def test_lists_refuse_odd_pages_and_runs_are_filtered_by_sha_here_too() -> None:
+    sha, other = "a" * 40, "b" * 40
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        path = request.url.path
+        if path.endswith("/actions/runs"):
+            # An older forge ignores head_sha and lists every run.
+            runs = [{"id": 1, "head_sha": other}, {"id": 2, "head_sha": sha}, {"id": 3, "head_sha": sha}]
+            return httpx.Response(200, json={"workflow_runs": runs, "total_count": 3})
+        if path.endswith("/jobs"):
+            run_id = int(path.split("/")[-2])
+            return httpx.Response(200, json={"jobs": [{"id": run_id * 10, "run_id": run_id, "name": f"j{run_id}"}]})
+        if path.endswith("/labels"):
+            return httpx.Response(200, json={"message": "not a list"})
+        if path.endswith("/hooks"):
+            return httpx.Response(200, json=[1, 2])
+        return httpx.Response(404, json={"message": "not found"})
+
+    async def go() -> None:
+        g = Gitea("http://forge.test/api/v1", "t", transport=httpx.MockTransport(handler))
+        try:
+            jobs = await g.workflow_jobs("o", "r", sha)
+            assert [(j.id, j.run_id) for j in jobs] == [(30, 3), (20, 2)]  # never run 1's, newest first
+            for call in (g.list_labels("o", "r"), g.list_hooks("o", "r")):
+                with pytest.raises(ForgeError, match="no list of objects"):
+                    await call
+            with pytest.raises(ForgeNotFound):
+                await g.commit_statuses("o", "r", "bot-bottle/issue-1")
+        finally:
+            await g.aclose()
+
+    run(go())
+    assert f"head_sha={sha}&page=1&limit=50" in seen[0]
+    # A branch with a slash is one path segment in /commits/{ref}/statuses.
+    assert seen[-1].endswith("/commits/bot-bottle%2Fissue-1/statuses?page=1&limit=50")
