@@ -19,7 +19,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import click
 
@@ -232,13 +232,14 @@ async def _token_accepted(config: Config) -> None:
 @click.option("--port", type=int, default=3000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--dir", "root", type=click.Path(file_okay=False), help="Where repositories live (default: a temp dir)")
+@click.option("--flavor", type=click.Choice(("gitea", "forgejo")), default="gitea", show_default=True)
 @edge
-def devforge(port: int, host: str, root: str | None) -> None:
+def devforge(port: int, host: str, root: str | None, flavor: Literal["gitea", "forgejo"]) -> None:
     """Serve a Gitea-compatible development forge, seeded with users, an org and a repo."""
     import devforge as df
 
     base = Path(root) if root else Path(tempfile.mkdtemp(prefix="devforge-"))
-    forge = df.DevForge(base, base_url=f"http://{host}:{port}/")
+    forge = df.DevForge(base, base_url=f"http://{host}:{port}/", flavor=flavor)
     seeded = df.seed(forge)
     click.echo(f"devforge on http://{host}:{port}/ (repos in {base})")
     click.echo(f"  API:      http://{host}:{port}/api/v1   repo {seeded.owner}/{seeded.repo}, org {seeded.org}")
@@ -456,6 +457,19 @@ def check(config_file: str | None, repos: tuple[str, ...]) -> None:
     problems = asyncio.run(run_checks(load, repos, click.echo))
     if problems:
         raise ForgeBottleError(f"{problems} problem(s) found")
+
+
+@main.command()
+@config_option
+@click.option("--repo", required=True, help="OWNER/REPO to prepare.")
+@click.option("--dry-run", is_flag=True, help="Say what would be created; create nothing.")
+@edge
+def setup(config_file: str | None, repo: str, dry_run: bool) -> None:
+    """Create the bot-bottle:<agent> labels and the webhook on a repository (idempotent)."""
+    from operate import setup as prepare
+
+    config = Config.load(os.environ, config_path(config_file, os.environ))
+    asyncio.run(prepare(config, repo, dry_run=dry_run, echo=click.echo))
 
 
 @main.command()

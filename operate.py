@@ -237,3 +237,49 @@ async def run_checks(load: Callable[[], Config], repos: Sequence[str], echo: Cal
     await asyncio.to_thread(check_host, config, checks)
     await check_forge(config, checks, repos)
     return checks.problems
+
+
+async def setup(config: Config, full: str, *, dry_run: bool, echo: Callable[[str], None]) -> None:
+    """Create what a repository needs: a ``bot-bottle:<agent>`` label per configured agent and
+    the webhook to this service. Idempotent: what exists is left as it is, and said so."""
+    owner, sep, repo = full.partition("/")
+    if not sep or not owner or not repo:
+        raise ForgeBottleError("--repo must be OWNER/REPO")
+    if not config.public_url:
+        raise ForgeBottleError("server.public_url is not set: the webhook needs the URL the forge reaches us at")
+    if config.webhook_secret is None:
+        raise ForgeBottleError("no webhook secret configured (forge.webhook_secret_file)")
+    doing = "would create" if dry_run else "created"
+    forge = Gitea(config.api_url, config.token.reveal(), timeout=config.forge_timeout)
+    try:
+        labels = {label.name for label in await forge.list_labels(owner, repo)}
+        for agent in sorted(config.agents):
+            name = f"bot-bottle:{agent}"
+            if name in labels:
+                echo(f"label {name}: exists")
+                continue
+            if not dry_run:
+                await forge.create_label(owner, repo, name, LABEL_COLOR, f"forgebottle: run the {agent} agent")
+            echo(f"label {name}: {doing}")
+        url = config.public_url.rstrip("/") + "/webhook"
+        hooks = [hook for hook in await forge.list_hooks(owner, repo) if hook.url == url]
+        if hooks and hooks[0].active and not set(HOOK_EVENTS) - expand_events(hooks[0].events):
+            echo(f"webhook {url}: exists with every event forgebottle needs")
+        elif hooks:
+            echo(
+                f"webhook {url}: exists but is {'inactive' if not hooks[0].active else 'missing events'}; fix it in "
+                "the repository's settings (setup never edits a hook it did not make)"
+            )
+        else:
+            if not dry_run:
+                await forge.create_hook(owner, repo, url, config.webhook_secret.reveal(), HOOK_EVENTS)
+            echo(f"webhook {url}: {doing} ({', '.join(HOOK_EVENTS)})")
+    except ForgeAuthError as exc:
+        raise ForgeBottleError(f"the forge refused ({exc.status}): the token needs admin on {full}") from None
+    except ForgeError as exc:
+        raise ForgeBottleError(f"forge: {exc}") from None
+    finally:
+        await forge.aclose()
+
+
+LABEL_COLOR = "5319e7"

@@ -97,9 +97,8 @@ def short_tmp() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def forge(short_tmp: Path) -> Iterator[Forge]:
-    dev = df.DevForge(short_tmp / "forge")
+def serve_forge(root: Path, flavor: Literal["gitea", "forgejo"] = "gitea") -> Iterator[Forge]:
+    dev = df.DevForge(root, flavor=flavor)
     world = df.seed(dev)
     server = ServerThread(dev.app)
     dev.base_url = server.url + "/"
@@ -107,6 +106,11 @@ def forge(short_tmp: Path) -> Iterator[Forge]:
     yield Forge(dev, world, server)
     server.stop()
     dev.close()
+
+
+@pytest.fixture
+def forge(short_tmp: Path) -> Iterator[Forge]:
+    yield from serve_forge(short_tmp / "forge")
 
 
 # An agent that does the whole happy path with nothing but git and the forge tool.

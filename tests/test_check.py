@@ -118,3 +118,64 @@ def test_init_writes_a_config_and_a_secret_and_never_overwrites(pyz: Path, tmp_p
         timeout=120,
     )
     assert again.returncode == 1 and "never overwrites" in again.stderr and secret.read_text() == before
+
+
+@needs_bwrap
+def test_init_setup_serve_then_a_label_launches(pyz: Path, forge: Forge, tmp_path: Path) -> None:
+    from statemachine import BottleState
+    from store import Store
+    from tests.conftest import HAPPY_AGENT, ServeProcess, open_issue, wait_until
+
+    env = clean_env(SHIV_ROOT=str(pyz.parent / ".shiv-check"))
+
+    def fb(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(pyz), *args], env=env, capture_output=True, text=True, timeout=120)
+
+    config = tmp_path / "etc" / "config.toml"
+    assert fb("init", "--out", str(config)).returncode == 0
+    (config.parent / "forge-token").write_text(forge.world.bot.token)
+    state = tmp_path / "state"
+    (state / "tools").mkdir(parents=True)
+    (state / "tools" / "happy-agent").write_text(HAPPY_AGENT)
+    port = free_port()
+    text = config.read_text()
+    text = text.replace('api_url = "https://git.example.com/api/v1"', f'api_url = "{forge.api}"')
+    text = text.replace('org = "bot-bottle"', f'org = "{forge.world.org}"')
+    text = text.replace('listen = "127.0.0.1:8765"', f'listen = "127.0.0.1:{port}"')
+    text = text.replace("# public_url = ", "public_url = ").replace(
+        "https://forgebottle.example.com", f"http://127.0.0.1:{port}"
+    )
+    text = text.replace(text.split("state_dir = ")[1].split("\n")[0], f'"{state}"', 1)
+    text += '\n[agents.happy]\ncommand = ["/bin/sh", "/opt/forgebottle/bin/happy-agent"]\n'
+    config.write_text(text)
+    repo = f"{forge.owner}/{forge.repo}"
+    dry = fb("setup", "--config", str(config), "--repo", repo, "--dry-run")
+    assert dry.returncode == 0 and "label bot-bottle:happy: would create" in dry.stdout, dry.stdout + dry.stderr
+    assert forge.dev.repo(forge.owner, forge.repo).hooks == []
+    done = fb("setup", "--config", str(config), "--repo", repo)
+    assert done.returncode == 0, done.stderr
+    assert (
+        "label bot-bottle:happy: created" in done.stdout
+        and f"webhook http://127.0.0.1:{port}/webhook: created" in done.stdout
+    )
+    again = fb("setup", "--config", str(config), "--repo", repo)
+    assert "label bot-bottle:happy: exists" in again.stdout and "exists with every event" in again.stdout
+    checked = fb("check", "--config", str(config), "--repo", repo)
+    assert f"ok   {repo}: webhook http://127.0.0.1:{port}/webhook sends what forgebottle needs" in checked.stdout
+    serve = ServeProcess(forge, tmp_path, command=[sys.executable, str(pyz)])
+    serve.config, serve.port, serve.url, serve.state_dir = config, port, f"http://127.0.0.1:{port}", state
+    serve.start()
+    try:
+        issue = open_issue(forge, "happy")
+        store = Store(state / "bot-bottle.db")
+        wait_until(
+            lambda: (
+                (found := store.get(forge.owner, forge.repo, issue.number)) is not None
+                and found.status is BottleState.FROZEN
+            ),
+            timeout=90,
+            what="the labelled issue's bottle to finish",
+        )
+        store.close()
+    finally:
+        assert serve.stop() == 0

@@ -7,7 +7,7 @@ import json
 import sqlite3
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -21,14 +21,22 @@ from service import Service
 from statemachine import BottleState
 from store import Store
 from tests.conftest import (
+    Forge,
     Rig,
     needs_bwrap,
     post_webhook,
     read_when,
+    serve_forge,
     sign,
 )
 
 pytestmark = needs_bwrap
+
+
+@pytest.fixture(params=["gitea", "forgejo"])
+def forge(short_tmp: Path, request: pytest.FixtureRequest) -> Iterator[Forge]:
+    """Every webhook rule, under Gitea's headers and under Forgejo's (X-Forgejo-* only)."""
+    yield from serve_forge(short_tmp / "forge", request.param)
 
 
 def test_launch_on_label_and_member_assignment(rig: Rig) -> None:
