@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from bottles import IN_HOME, IN_WORKSPACE, bwrap_argv, find_bwrap
+from tests.conftest import needs_bwrap
 from tests.modelserver import ModelServer, Seen, call, say
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,25 +101,46 @@ needs_codex = _needs(codex_binary(), "OpenAI Codex")
 
 
 class Session:
-    """A CLI's world for one test: a workspace, a kept HOME, the MCP probe and its log."""
+    """A CLI's world for one test: a workspace, a kept HOME, the MCP probe and its log.
 
-    def __init__(self, tmp_path: Path) -> None:
+    ``bottled``: the CLI runs under bwrap with the local backend's layout (the workspace at
+    /workspace, HOME at /home/agent, the system read-only, the CLI's install bound read-only
+    at its own path), so the recipe in docs/real-agents.md is what is tested.
+    """
+
+    def __init__(self, tmp_path: Path, *, bottled: bool = False) -> None:
         self.work = tmp_path / "workspace"
         self.home = tmp_path / "home"
         self.work.mkdir()
         self.home.mkdir()
-        self.mcp = tmp_path / "mcp_probe.py"
-        self.mcp.write_text(MCP_SERVER)
-        self.mcp_log = tmp_path / "mcp.log"
+        self.bottled = bottled
+        # The probe lives where the CLI can reach it: in the workspace when bottled.
+        where = self.work if bottled else tmp_path
+        (where / "mcp_probe.py").write_text(MCP_SERVER)
+        self.mcp_log = where / "mcp.log"
+        seen_as = Path(IN_WORKSPACE) if bottled else tmp_path
+        self.mcp = seen_as / "mcp_probe.py"
+        self.mcp_log_inside = seen_as / "mcp.log"
         self.key = "sk-test-" + secrets.token_hex(12)
 
-    def env(self, **extra: str) -> dict[str, str]:
+    def env(self, *, path: str = "", **extra: str) -> dict[str, str]:
         # Cleared, as in a bottle: nothing of the test runner's environment leaks in.
-        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(self.home), "LANG": "C.UTF-8", **extra}
+        system = "/usr/local/bin:/usr/bin:/bin"
+        home = IN_HOME if self.bottled else str(self.home)
+        return {"PATH": f"{path}:{system}" if path else system, "HOME": home, "LANG": "C.UTF-8", **extra}
 
     def run(self, argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        cwd: Path | None = self.work
+        if self.bottled:
+            bwrap = find_bwrap()
+            assert bwrap is not None
+            binds = [("--bind", str(self.work), IN_WORKSPACE), ("--bind", str(self.home), IN_HOME)]
+            # network="host" only so that the CLI reaches the test's loopback server; in a
+            # real bottle the gateway's model route takes its place.
+            argv = [*bwrap_argv(bwrap, network="host", binds=binds, ro_binds=[str(NODE_PREFIX)]), "--", *argv]
+            cwd = None
         return subprocess.run(
-            argv, cwd=self.work, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL
+            argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL
         )
 
     def mcp_calls(self) -> list[tuple[str, Any]]:
@@ -128,10 +151,10 @@ class Session:
 
 
 def claude_argv(session: Session, *, resume: bool = False) -> list[str]:
-    config = session.work.parent / "mcp.json"
-    config.write_text(
-        json.dumps({"mcpServers": {"probe": {"command": "python3", "args": [str(session.mcp), str(session.mcp_log)]}}})
-    )
+    config = session.work / ".mcp-probe.json"
+    probe = {"command": "python3", "args": [str(session.mcp), str(session.mcp_log_inside)]}
+    config.write_text(json.dumps({"mcpServers": {"probe": probe}}))
+    seen_as = Path(IN_WORKSPACE) if session.bottled else session.work
     # --mcp-config takes several files: without "--" it would swallow the prompt as one.
     return [
         str(CLAUDE),
@@ -142,7 +165,7 @@ def claude_argv(session: Session, *, resume: bool = False) -> list[str]:
         "--output-format",
         "json",
         "--mcp-config",
-        str(config),
+        str(seen_as / config.name),
         "--",
         PROMPT if not resume else "And now the review comment.",
     ]
@@ -226,8 +249,8 @@ def codex_argv(session: Session, binary: Path, base_url: str, *, resume: bool = 
         "mcp_servers.probe.command": "python3",
     }
     overrides = [f"{key}={json.dumps(value)}" for key, value in provider.items()]
-    overrides.append(f"mcp_servers.probe.args={json.dumps([str(session.mcp), str(session.mcp_log)])}")
-    argv = [str(binary), "exec", *CODEX_FLAGS, "--json", "-m", "scripted-model"]
+    overrides.append(f"mcp_servers.probe.args={json.dumps([str(session.mcp), str(session.mcp_log_inside)])}")
+    argv = [binary.name if session.bottled else str(binary), "exec", *CODEX_FLAGS, "--json", "-m", "scripted-model"]
     for override in overrides:
         argv += ["-c", override]
     if resume:
@@ -305,3 +328,38 @@ def test_codex_runs_mcp_and_shell_tools_offline_and_resumes(tmp_path: Path) -> N
         assert again.api_key == session.key
         # Codex counts the thread, not the run: the resumed total includes the first run's.
         assert usage_of(resumed) == reported(models.requests)
+
+
+@needs_claude
+@needs_bwrap
+def test_claude_code_runs_in_a_bwrap_bottle_from_a_read_only_install(tmp_path: Path) -> None:
+    session = Session(tmp_path, bottled=True)
+    script = [call("mcp__probe__stamp", word="hello"), call("Bash", command="pwd > where"), say("done")]
+    with ModelServer(script) as models:
+        bin_dir = str(CLAUDE.parent)  # node_modules/.bin: its relative symlink resolves inside too
+        env = session.env(path=bin_dir, ANTHROPIC_BASE_URL=models.url, ANTHROPIC_API_KEY=session.key, **CLAUDE_ENV)
+        done = session.run(["claude", *claude_argv(session)[1:]], env)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["result"] == "done"
+        assert (session.work / "where").read_text() == IN_WORKSPACE + "\n"
+        assert session.mcp_calls() == [("stamp", {"word": "hello"})]
+        assert [s.api_key for s in models.requests] == [session.key] * 3
+        # Its session went to the bottle's HOME, which the host keeps for the next run.
+        assert list((session.home / ".claude" / "projects" / "-workspace").glob("*.jsonl"))
+
+
+@needs_codex
+@needs_bwrap
+def test_codex_runs_in_a_bwrap_bottle_from_a_read_only_install(tmp_path: Path) -> None:
+    binary = codex_binary()
+    assert binary is not None
+    session = Session(tmp_path, bottled=True)
+    script = [call("mcp__probe__stamp", word="hello"), call("exec_command", cmd="pwd > where"), say("done")]
+    with ModelServer(script) as models:
+        env = session.env(path=str(binary.parent), OPENAI_API_KEY=session.key)
+        done = session.run(codex_argv(session, binary, models.openai_base_url), env)
+        assert done.returncode == 0, done.stderr
+        assert (session.work / "where").read_text() == IN_WORKSPACE + "\n"
+        assert session.mcp_calls() == [("stamp", {"word": "hello"})]
+        assert [s.api_key for s in models.requests] == [session.key] * 3
+        assert list((session.home / ".codex" / "sessions").glob("*/*/*/rollout-*.jsonl"))
