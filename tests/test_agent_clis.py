@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -330,36 +331,70 @@ def test_codex_runs_mcp_and_shell_tools_offline_and_resumes(tmp_path: Path) -> N
         assert usage_of(resumed) == reported(models.requests)
 
 
-@needs_claude
-@needs_bwrap
-def test_claude_code_runs_in_a_bwrap_bottle_from_a_read_only_install(tmp_path: Path) -> None:
-    session = Session(tmp_path, bottled=True)
-    script = [call("mcp__probe__stamp", word="hello"), call("Bash", command="pwd > where"), say("done")]
-    with ModelServer(script) as models:
-        bin_dir = str(CLAUDE.parent)  # node_modules/.bin: its relative symlink resolves inside too
-        env = session.env(path=bin_dir, ANTHROPIC_BASE_URL=models.url, ANTHROPIC_API_KEY=session.key, **CLAUDE_ENV)
-        done = session.run(["claude", *claude_argv(session)[1:]], env)
-        assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout)["result"] == "done"
-        assert (session.work / "where").read_text() == IN_WORKSPACE + "\n"
-        assert session.mcp_calls() == [("stamp", {"word": "hello"})]
-        assert [s.api_key for s in models.requests] == [session.key] * 3
-        # Its session went to the bottle's HOME, which the host keeps for the next run.
-        assert list((session.home / ".claude" / "projects" / "-workspace").glob("*.jsonl"))
+def documented_recipes() -> dict[str, Any]:
+    """The ``[agents.*]`` tables of the TOML block in docs/real-agents.md."""
+    text = (ROOT / "docs" / "real-agents.md").read_text()
+    block = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    agents: dict[str, Any] = tomllib.loads(block)["agents"]
+    return agents
 
 
-@needs_codex
+def in_test(value: str, session: Session, models: ModelServer, mcp_config: str) -> str:
+    """A recipe's word with the test's stand-ins for the gateway, the install and ``forge mcp``."""
+    probe = [str(session.mcp), str(session.mcp_log_inside)]
+    return (
+        value.replace("{prompt}", PROMPT)
+        .replace("/run/forge/mcp.json", mcp_config)
+        .replace(f"{GATEWAY}/models/openai/v1", models.openai_base_url)
+        .replace('"/opt/forgebottle/bin/forge"', '"python3"')
+        .replace('["mcp"]', json.dumps(probe))
+        .replace("/opt/agents", str(NODE_PREFIX))
+    )
+
+
+GATEWAY = "http://127.0.0.1:3128"
+SHELL_STEP = {
+    "claude": call("Bash", command="pwd > where"),
+    "codex": call("exec_command", cmd="pwd > where"),
+}
+
+
 @needs_bwrap
-def test_codex_runs_in_a_bwrap_bottle_from_a_read_only_install(tmp_path: Path) -> None:
-    binary = codex_binary()
-    assert binary is not None
+@pytest.mark.parametrize(
+    "agent",
+    [pytest.param("claude", marks=needs_claude), pytest.param("codex", marks=needs_codex)],
+)
+def test_the_documented_recipe_runs_and_resumes_in_a_bwrap_bottle(tmp_path: Path, agent: str) -> None:
+    """docs/real-agents.md's TOML, as written, under the local backend's bwrap layout.
+
+    The install is bound read-only at its own path (``ro_binds``) and found through the
+    recipe's PATH; the gateway's URL, the install prefix and ``forge mcp`` are replaced by the
+    scripted server, .ci/node and the probe. ``network = "host"`` here only reaches the
+    test's loopback server: the gateway's model route is the other half of issue 18.
+    """
+    recipe = documented_recipes()[agent]
+    assert (recipe["network"], recipe["ro_binds"]) == ("gateway", ["/opt/agents"])
     session = Session(tmp_path, bottled=True)
-    script = [call("mcp__probe__stamp", word="hello"), call("exec_command", cmd="pwd > where"), say("done")]
-    with ModelServer(script) as models:
-        env = session.env(path=str(binary.parent), OPENAI_API_KEY=session.key)
-        done = session.run(codex_argv(session, binary, models.openai_base_url), env)
-        assert done.returncode == 0, done.stderr
+    (session.work / ".forge-mcp.json").write_text(
+        json.dumps(
+            {"mcpServers": {"forge": {"command": "python3", "args": [str(session.mcp), str(session.mcp_log_inside)]}}}
+        )
+    )
+    mcp_config = f"{IN_WORKSPACE}/.forge-mcp.json"
+    with ModelServer([call("mcp__forge__stamp", word="hello"), SHELL_STEP[agent], say("first run done")]) as models:
+        env = {key: in_test(value, session, models, mcp_config) for key, value in recipe["env"].items()}
+        env = session.env(path=env.pop("PATH"), **env)
+        # What the gateway sets in the bottle: its route and a placeholder key (here: the test's).
+        env.update(ANTHROPIC_BASE_URL=models.url, ANTHROPIC_API_KEY=session.key, OPENAI_API_KEY=session.key)
+        first = session.run([in_test(word, session, models, mcp_config) for word in recipe["command"]], env)
+        assert first.returncode == 0, first.stderr
         assert (session.work / "where").read_text() == IN_WORKSPACE + "\n"
         assert session.mcp_calls() == [("stamp", {"word": "hello"})]
-        assert [s.api_key for s in models.requests] == [session.key] * 3
-        assert list((session.home / ".codex" / "sessions").glob("*/*/*/rollout-*.jsonl"))
+        assert [s.kind for s in models.requests] == ["scripted"] * 3
+        assert {s.api_key for s in models.requests} == {session.key}
+
+        models.load([say("second run done")])
+        resumed = session.run([in_test(word, session, models, mcp_config) for word in recipe["resume_command"]], env)
+        assert resumed.returncode == 0, resumed.stderr
+        [again] = models.requests[3:]
+        assert PROMPT in again.text() and "stamp:hello" in again.text() and "first run done" in again.text()
