@@ -1,11 +1,12 @@
 """Real agent CLIs, headless and offline, against the scripted model server (issue 18).
 
-Claude Code (Anthropic Messages API) and OpenAI Codex (Responses API) run on this host, not
-yet in a bottle, with a cleared environment and their own HOME, the way a bottle starts them.
-Each run makes the CLI call a tool of a tiny stdio MCP server, run a shell command that writes
-a file, and finish; a second run resumes the session from the kept HOME and must send the
-first run's conversation back. The CLIs are the pinned ones ``.ci/run`` installs under
-``.ci/node``; docs/real-agents.md has the findings these tests keep true.
+Claude Code (Anthropic Messages API) and OpenAI Codex (Responses API) run with a cleared
+environment and their own HOME, the way a bottle starts them: on this host, and under bwrap
+with the recipes of docs/real-agents.md as written. Each run makes the CLI call a tool of a
+tiny stdio MCP server, run a shell command that writes a file, and finish; a second run
+resumes the session from the kept HOME and must send the first run's conversation back. The
+CLIs are the pinned ones ``.ci/run`` installs under ``.ci/node``; the doc has the findings
+these tests keep true.
 """
 
 from __future__ import annotations
