@@ -102,7 +102,7 @@ class Row:
     target: str
     limit: float
     higher_is_better: bool
-    unit: str  # "x" for ratios, " ms", or "" for counts
+    unit: str  # "×" for ratios, " ms", or "" for counts
     against: str = ""
     figures: dict[str, Figure | None] = dataclasses.field(default_factory=dict)
     na: dict[str, str] = dataclasses.field(default_factory=dict)  # label -> why there is no figure
@@ -500,9 +500,9 @@ def bench_intake(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> d
                         lost[tree.label] += len(missing)
                     finally:
                         serve.stop()
-    rps_row = Row("intake req/s", 0.5, True, "x", f"bare {median([p.rps for p in bare.values()]):,.0f} req/s")
-    p99_row = Row("intake p99", 3.0, False, "x", f"bare p99 {median([p.p99_ms for p in bare.values()]):.1f} ms")
-    lost_row = Row("intake: 202s missing after a SIGKILL", 0, False, "", "every 202 acknowledged")
+    rps_row = Row("intake req/s", 0.5, True, "×", f"bare {median([p.rps for p in bare.values()]):,.0f} req/s")
+    p99_row = Row("intake p99", 3.0, False, "×", f"bare p99 {median([p.p99_ms for p in bare.values()]):.1f} ms")
+    lost_row = Row("intake: acknowledged, then lost to a SIGKILL", 0, False, "", "every 202 answered")
     out: dict[str, Any] = {"bare": {r: phase_json(p) for r, p in bare.items()}}
     for tree in trees:
         mine = phases[tree.label]
@@ -638,7 +638,7 @@ def bench_launch(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> d
                         floor = clone_and_bwrap(forge, serves[tree.label].repo, root / f"clone-{tree.label}-{n}", bwrap)
                         if n:
                             pairs[tree.label].append((took, floor))
-    row = Row("launch", 1.5, False, "x", "")
+    row = Row("launch", 1.5, False, "×", "")
     out: dict[str, Any] = {}
     for label, measured in pairs.items():
         if measured:
@@ -710,8 +710,8 @@ def bench_cli(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> dict
     for r in range(sizes.cli_rounds):
         for name in rotated(list(commands), r):
             timed(name, times[name])
-    status = Row(f"`orchestrate status` at {sizes.cli_bottles:,} bottles", 2.0, False, "x", "its tree's `--version`")
-    version = Row("`--version`", 4.0, False, "x", f"`python -c pass` {median(times['python -c pass']) * 1000:.0f} ms")
+    status = Row(f"`orchestrate status` at {sizes.cli_bottles:,} bottles", 2.0, False, "×", "its tree's `--version`")
+    version = Row("`--version`", 4.0, False, "×", f"`python -c pass` {median(times['python -c pass']) * 1000:.0f} ms")
     out: dict[str, Any] = {name: [t * 1000 for t in took] for name, took in times.items()}
     for tree in trees:
         v, s = times[f"{tree.label} --version"], times[f"{tree.label} status"]
@@ -760,7 +760,7 @@ def settled_rss(pid: int) -> int:
 
 
 def bench_memory(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> dict[str, Any]:
-    row = Row(f"RSS with {sizes.frozen} frozen + 2 running", 1.5, False, "x", "the same `serve` idle")
+    row = Row(f"RSS with {sizes.frozen} frozen + 2 running", 1.5, False, "×", "the same `serve` idle")
     out: dict[str, Any] = {}
     with devforge(root / "forge") as forge:
         for tree in trees:
@@ -807,7 +807,7 @@ def table(rows: list[Row], trees: list[Tree]) -> str:
     head = ["target", "measured against", *(f"{t.label} ({t.rev})" for t in trees), "met"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        limit = f"{sign[row.higher_is_better]} {row.limit:g}{row.unit}".rstrip()
+        limit = "= 0" if row.limit == 0 else f"{sign[row.higher_is_better]} {row.limit:g}{row.unit}".rstrip()
         met = " → ".join({True: "yes", False: "**no**", None: "n/a"}[row.met(t.label)] for t in trees)
         cells = [f"{row.target} {limit}", row.against, *(fmt(row, t.label) for t in trees), met]
         lines.append("| " + " | ".join(cells) + " |")
@@ -851,7 +851,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown target(s): {', '.join(unknown)}")
     sizes = Sizes.smoke() if options.smoke else Sizes.full()
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    new = Tree("after", head.stdout.strip() or "this tree", ROOT)
+    edited = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "*.py"], capture_output=True)
+    new = Tree("after", (head.stdout.strip() or "this tree") + (" + edits" if edited.returncode else ""), ROOT)
     results: dict[str, Any] = {"smoke": options.smoke, "cpus": os.cpu_count(), "python": sys.version.split()[0]}
     rows: list[Row] = []
     root = Path(tempfile.mkdtemp(prefix="fbbench-"))
