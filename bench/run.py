@@ -102,7 +102,7 @@ class Row:
     target: str
     limit: float
     higher_is_better: bool
-    unit: str  # "×" for ratios, " ms", or "" for counts
+    unit: str  # the times sign for ratios, " ms", or "" for counts
     against: str = ""
     figures: dict[str, Figure | None] = dataclasses.field(default_factory=dict)
     na: dict[str, str] = dataclasses.field(default_factory=dict)  # label -> why there is no figure
