@@ -120,10 +120,17 @@ def median(values: list[float]) -> float:
 
 class Guard:
     """The old tree may not survive every measurement: its failure becomes "n/a" with the reason,
-    and it is left out from then on. A failure of this tree stops the run."""
+    and it is left out for the rest of that target (``broken``), or of the run when it could not
+    be checked out (``absent``). A failure of this tree stops the run."""
 
     def __init__(self) -> None:
+        self.absent: dict[str, str] = {}
         self.broken: dict[str, str] = {}
+        self.failures: dict[str, dict[str, str]] = {}  # target -> tree -> why
+
+    def begin(self, target: str) -> None:
+        self.broken = dict(self.absent)
+        self.failures[target] = self.broken
 
     @contextlib.contextmanager
     def __call__(self, tree: Tree) -> Iterator[None]:
@@ -815,20 +822,24 @@ def table(rows: list[Row], trees: list[Tree]) -> str:
 
 
 @contextlib.contextmanager
-def old_tree(rev: str, root: Path) -> Iterator[Tree | None]:
-    """``rev`` checked out beside this tree for the run (a detached worktree), removed after."""
-    path = root / "old-tree"
+def old_tree(rev: str, root: Path, guard: Guard) -> Iterator[list[Tree]]:
+    """``rev`` checked out beside this tree for the run (a detached worktree), removed after.
+    One that cannot be checked out (a shallow clone, say) is left out: its column says n/a."""
+    if not rev:
+        yield []
+        return
+    tree = Tree("before", rev, root / "old-tree")
     made = subprocess.run(
-        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), rev], capture_output=True, text=True
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree.path), rev], capture_output=True, text=True
     )
     if made.returncode != 0:
-        print(f"no old tree ({rev}): {made.stderr.strip()[-300:]}", flush=True)
-        yield None
+        guard.absent[tree.label] = f"cannot check out {rev}: {made.stderr.strip()[-200:]}"
+        yield [tree]
         return
     try:
-        yield Tree("before", rev, path)
+        yield [tree]
     finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], capture_output=True)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree.path)], capture_output=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -857,13 +868,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     root = Path(tempfile.mkdtemp(prefix="fbbench-"))
     try:
-        with old_tree(options.old, root) if options.old else contextlib.nullcontext() as old:
-            trees = [old, new] if old is not None else [new]
-            guard = Guard()
+        guard = Guard()
+        with old_tree(options.old, root, guard) as old:
+            trees = [*old, new]
             for name in names:
                 started = time.monotonic()
                 print(f"== {name}", flush=True)
                 (root / name).mkdir()
+                guard.begin(name)
                 result = BENCHES[name](sizes, root / name, [t for t in trees if t.label not in guard.broken], guard)
                 for row in result["rows"]:
                     row.na = {
@@ -873,10 +885,11 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = {**result, "rows": [dataclasses.asdict(r) for r in result["rows"]]}
                 print(f"   ({time.monotonic() - started:.0f}s)", flush=True)
             results["trees"] = {t.label: t.rev for t in trees}
-            results["left_out"] = guard.broken
+            results["left_out"] = guard.failures
             print(table(rows, trees))
-            for label, why in guard.broken.items():
-                print(f"n/a for {label}: {why}")
+            for name, failures in guard.failures.items():
+                for label, why in failures.items():
+                    print(f"n/a for {label} in {name}: {why}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     Path(options.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
