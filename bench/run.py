@@ -36,6 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
+import uvicorn  # noqa: E402
+from starlette.applications import Starlette  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+from starlette.responses import JSONResponse  # noqa: E402
+from starlette.routing import Mount, Route  # noqa: E402
 
 import devforge as df  # noqa: E402
 from bottles import find_bwrap  # noqa: E402
@@ -49,23 +54,20 @@ T = TypeVar("T")
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-    intake_rounds: int
-    intake_seconds: float  # per target per round
-    connections: int
-    sidecar_rounds: int
-    sidecar_calls: int  # per tree per round
-    cli_rounds: int
-    cli_bottles: int
-    launches: int  # per tree
-    frozen: int
+    """The full run's; ``SMOKE`` below is --smoke's."""
 
-    @classmethod
-    def full(cls) -> Sizes:
-        return cls(5, 3.0, 32, 5, 300, 9, 10_000, 8, 200)
+    intake_rounds: int = 5
+    intake_seconds: float = 3.0  # per target per round
+    connections: int = 32
+    sidecar_rounds: int = 5
+    sidecar_calls: int = 300  # per tree per round
+    cli_rounds: int = 9
+    cli_bottles: int = 10_000
+    launches: int = 8  # per tree, after a warm-up
+    frozen: int = 200
 
-    @classmethod
-    def smoke(cls) -> Sizes:
-        return cls(1, 0.5, 4, 1, 20, 1, 50, 1, 5)
+
+SMOKE = Sizes(1, 0.5, 4, 1, 20, 1, 50, 1, 5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +107,6 @@ class Row:
     unit: str  # the times sign for ratios, " ms", or "" for counts
     against: str = ""
     figures: dict[str, Figure | None] = dataclasses.field(default_factory=dict)
-    na: dict[str, str] = dataclasses.field(default_factory=dict)  # label -> why there is no figure
 
     def met(self, label: str) -> bool | None:
         figure = self.figures.get(label)
@@ -179,21 +180,25 @@ def answers(url: str, check: Callable[[httpx.Response], bool] = lambda r: True) 
     return False
 
 
+def end(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM, and SIGKILL if that was not enough within a minute."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @contextlib.contextmanager
-def child(argv: list[str], *, log: Path, cwd: Path = ROOT, env: dict[str, str] | None = None) -> Iterator[Any]:
-    """A process that is terminated (then killed) on the way out, its output in ``log``."""
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+def child(argv: list[str], **popen: Any) -> Iterator[subprocess.Popen[Any]]:
+    """A process of this script's, ended on the way out."""
+    proc = subprocess.Popen(argv, cwd=ROOT, **popen)
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        end(proc)
 
 
 # -- the world: a devforge, and serve from either tree ------------------------------------------
@@ -208,12 +213,6 @@ forge done success done
 
 def run_devforge(root: Path, port: int) -> None:
     """Child process: devforge, plus two routes for the bench to make repos (with a hook) and issues."""
-    import uvicorn
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
-    from starlette.routing import Mount, Route
-
     forge = df.DevForge(root, base_url=f"http://127.0.0.1:{port}/")
     world = df.seed(forge)
 
@@ -268,27 +267,21 @@ class Forge:
 @contextlib.contextmanager
 def devforge(root: Path) -> Iterator[Forge]:
     """devforge in a process of its own, so it shares neither CPU time nor the GIL with the bench."""
-    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     argv = [sys.executable, __file__, "_devforge", str(root / "forge"), str(port)]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
+    with child(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
         assert proc.stdout is not None
         seeded = json.loads(proc.stdout.readline() or "{}")
         url = f"http://127.0.0.1:{port}"
         poll(lambda: proc.poll() is None and answers(f"{url}/api/v1/version"), timeout=30, what="devforge")
         yield Forge(url, seeded["token"], seeded["owner"], seeded["org"])
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 class Serve:
     """``forgebottle serve --config F`` of one tree, configured as on a host, on its own state."""
 
-    def __init__(self, tree: Tree, root: Path, forge: Forge, *, repo: str = "", max_running: int = 4) -> None:
-        self.tree, self.root, self.forge = tree, root, forge
-        self.repo = repo or tree.label
+    def __init__(self, tree: Tree, root: Path, forge: Forge) -> None:
+        self.tree, self.root, self.forge, self.repo = tree, root, forge, tree.label
         self.state_dir = root / "state"
         (self.state_dir / "tools").mkdir(parents=True)
         (self.state_dir / "tools" / "wait-agent").write_text(WAIT_AGENT)
@@ -300,11 +293,10 @@ class Serve:
         self.config = root / "config.toml"
         self.config.write_text(
             f'[forge]\napi_url = "{forge.api}"\ntoken_file = "{root / "token"}"\norg = "{forge.org}"\n'
-            f'[server]\nstate_dir = "{self.state_dir}"\nlisten = "127.0.0.1:{self.port}"\nmax_running = {max_running}\n'
+            f'[server]\nstate_dir = "{self.state_dir}"\nlisten = "127.0.0.1:{self.port}"\nmax_running = 4\n'
             f'[bottles.local]\nsandbox = "{sandbox}"\n[agents.wait]\ncommand = ["/bin/sh", "{agent}"]\n'
         )
         self.proc: subprocess.Popen[bytes] | None = None
-        self.issues: list[int] = []
 
     def start(self) -> Serve:
         with open(self.root / "serve.log", "ab") as log:
@@ -334,13 +326,8 @@ class Serve:
     def stop(self) -> None:
         for home in self.state_dir.glob("bottles/*/home"):
             home.joinpath("go").touch()  # let any agent finish rather than be killed
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            end(self.proc)
 
     def bottles(self) -> dict[str, str]:
         """slug -> status, through the read API."""
@@ -358,9 +345,7 @@ class Serve:
         return self.state_dir / "sidecars" / self.slug(issue) / "forge.sock"
 
     def launch(self) -> int:
-        issue = self.forge.open_issue(self.repo)
-        self.issues.append(issue)
-        return issue
+        return self.forge.open_issue(self.repo)
 
     def wait_status(self, issue: int, status: str) -> None:
         slug = self.slug(issue)
@@ -368,9 +353,9 @@ class Serve:
 
 
 @contextlib.contextmanager
-def serving(tree: Tree, root: Path, forge: Forge, **kwargs: Any) -> Iterator[Serve]:
+def serving(tree: Tree, root: Path, forge: Forge) -> Iterator[Serve]:
     root.mkdir(parents=True)
-    serve = Serve(tree, root, forge, **kwargs)
+    serve = Serve(tree, root, forge)
     forge.add_repo(serve.repo, serve.url + "/webhook")
     try:
         yield serve.start()
@@ -450,11 +435,6 @@ async def load(port: int, run: str, seconds: float, connections: int) -> Phase:
 def run_bare(port: int) -> None:
     """Child process: the bare endpoint, a minimal Starlette app on uvicorn that reads the body
     and answers 202, on a TCP listener with serve's uvicorn settings."""
-    import uvicorn
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
 
     async def hook(request: Request) -> JSONResponse:
         await request.body()
@@ -489,7 +469,7 @@ def bench_intake(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> d
             for tree in rotated([None, *trees], r):
                 if tree is None:
                     port = free_port()
-                    with child([sys.executable, __file__, "_bare", str(port)], log=root / "bare.log"):
+                    with child([sys.executable, __file__, "_bare", str(port)], stderr=subprocess.DEVNULL):
                         poll(functools.partial(answers, f"http://127.0.0.1:{port}/"), timeout=30, what="bare endpoint")
                         bare[r] = asyncio.run(load(port, f"bare{r}", seconds, conns))
                     continue
@@ -510,20 +490,16 @@ def bench_intake(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> d
     rps_row = Row("intake req/s", 0.5, True, "×", f"bare {median([p.rps for p in bare.values()]):,.0f} req/s")
     p99_row = Row("intake p99", 3.0, False, "×", f"bare p99 {median([p.p99_ms for p in bare.values()]):.1f} ms")
     lost_row = Row("intake: acknowledged, then lost to a SIGKILL", 0, False, "", "every 202 answered")
-    out: dict[str, Any] = {"bare": {r: phase_json(p) for r, p in bare.items()}}
+    out: dict[str, Any] = {"bare": {r: dataclasses.asdict(p) | {"acked": len(p.acked)} for r, p in bare.items()}}
     for tree in trees:
         mine = phases[tree.label]
         if mine:
             rps_row.figures[tree.label] = Figure.of([m.rps / bare[r].rps for r, m in mine.items()])
             p99_row.figures[tree.label] = Figure.of([m.p99_ms / bare[r].p99_ms for r, m in mine.items()])
             lost_row.figures[tree.label] = Figure(lost[tree.label], lost[tree.label], lost[tree.label])
-        out[tree.label] = {r: phase_json(p) for r, p in mine.items()}
+        out[tree.label] = {r: dataclasses.asdict(p) | {"acked": len(p.acked)} for r, p in mine.items()}
     out["rows"] = [rps_row, p99_row, lost_row]
     return out
-
-
-def phase_json(phase: Phase) -> dict[str, Any]:
-    return {"rps": round(phase.rps), "p99_ms": round(phase.p99_ms, 2), "statuses": phase.statuses}
 
 
 def rotated(items: list[T], r: int) -> list[T]:
@@ -552,38 +528,36 @@ def bench_sidecar(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> 
                     httpx.Client(transport=httpx.HTTPTransport(uds=str(serve.socket(issue))), base_url="http://s")
                 )
                 path = f"/repos/{forge.owner}/{serve.repo}/issues/{issue}"
+                body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "read_issue", "params": {"number": issue}})
                 pairs[tree.label] = (
                     reader(functools.partial(direct.get, path), issue),
-                    reader(functools.partial(rpc.post, "/rpc", content=rpc_call("read_issue", number=issue)), issue),
+                    reader(functools.partial(rpc.post, "/rpc", content=body.encode()), issue),
                 )
-        for first, second in pairs.values():  # warm both paths: connections, caches
-            for _ in range(20):
-                first()
-                second()
         times: dict[str, list[tuple[list[float], list[float]]]] = {label: [] for label in pairs}
-        for r in range(sizes.sidecar_rounds):
+        for r in range(sizes.sidecar_rounds + 1):  # round 0, 20 calls, only warms connections and caches
             block: dict[str, tuple[list[float], list[float]]] = {label: ([], []) for label in pairs}
-            for _ in range(sizes.sidecar_calls):
-                for label in rotated(list(pairs), r):
-                    for call, into in zip(pairs[label], block[label], strict=True):
-                        started = time.perf_counter()
-                        call()
-                        into.append(time.perf_counter() - started)
+            for _ in range(sizes.sidecar_calls if r else 20):
+                for tree in rotated(trees, r):
+                    if tree.label in pairs and tree.label not in guard.broken:
+                        with guard(tree):
+                            for call, into in zip(pairs[tree.label], block[tree.label], strict=True):
+                                started = time.perf_counter()
+                                call()
+                                into.append(time.perf_counter() - started)
             for label, (direct_times, sidecar_times) in block.items():
-                times[label].append((direct_times, sidecar_times))
+                if r and label not in guard.broken:
+                    times[label].append((direct_times, sidecar_times))
     row = Row("sidecar read_issue p50 over direct", 1.0, False, " ms")
     out: dict[str, Any] = {}
     for label, rounds in times.items():
+        if not rounds:
+            continue
         over = [(pct(s, 50) - pct(d, 50)) * 1000 for d, s in rounds]
         row.figures[label] = Figure.of(over)
         out[label] = [{"direct_p50_ms": pct(d, 50) * 1000, "sidecar_p50_ms": pct(s, 50) * 1000} for d, s in rounds]
         row.against = f"direct httpx p50 {median([r['direct_p50_ms'] for r in out[label]]):.2f} ms"
     out["rows"] = [row]
     return out
-
-
-def rpc_call(method: str, **params: Any) -> bytes:
-    return json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
 
 
 def reader(call: Callable[[], httpx.Response], issue: int) -> Callable[[], None]:
@@ -660,71 +634,55 @@ def bench_launch(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> d
 # -- 4. the CLI ----------------------------------------------------------------------------------
 
 
-def fill_store(path: Path, count: int, status: BottleState = BottleState.FROZEN) -> None:
-    """``count`` bottles straight into SQLite (both trees share the schema)."""
+def fill_store(path: Path, count: int) -> None:
+    """``count`` frozen bottles straight into SQLite (both trees share the schema)."""
     store = Store(path)
-    stamp = "2026-01-01T00:00:00.000+00:00"
+    at, frozen = "2026-01-01T00:00:00.000+00:00", BottleState.FROZEN
     with store.transaction() as db:
         for n in range(1, count + 1):
-            state = ForgeState(
-                owner="acme",
-                repo="widgets",
-                issue_number=n,
-                slug=f"acme-widgets-{n}",
-                agent_name="implementer",
-                status=status,
-                created_at=stamp,
-                updated_at=stamp,
-                issue_url=f"https://git.example.com/acme/widgets/issues/{n}",
-            )
+            url = f"https://git.example.com/acme/widgets/issues/{n}"
+            state = ForgeState("acme", "widgets", n, f"acme-widgets-{n}", "implementer", frozen, at, at, issue_url=url)
             store.upsert(state, db)
     store.close()
 
 
 def bench_cli(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> dict[str, Any]:
-    """Each command a fresh process, as a user runs it; rounds alternate every command (order
-    rotated), and each figure is a median over rounds."""
+    """Each command a fresh process, as a user runs it; rounds run every command in rotated order,
+    and each figure is a median over rounds."""
     state = root / "state"
     fill_store(state / "bot-bottle.db", sizes.cli_bottles)
-    commands: dict[str, tuple[list[str], Path, dict[str, str]]] = {
-        "python -c pass": ([sys.executable, "-c", "pass"], ROOT, Tree("", "", ROOT).env())
-    }
+    by_label = {t.label: t for t in trees}
+    commands: dict[tuple[str, str], list[str]] = {("", "pass"): [sys.executable, "-c", "pass"]}
     for tree in trees:
-        env = tree.env(FORGEBOTTLE_STATE_DIR=str(state))
-        commands[f"{tree.label} --version"] = (tree.cli("--version"), tree.path, env)
-        commands[f"{tree.label} status"] = (tree.cli("orchestrate", "status"), tree.path, env)
+        commands[tree.label, "version"] = tree.cli("--version")
+        commands[tree.label, "status"] = tree.cli("orchestrate", "status")
 
-    def run(name: str) -> float:
-        argv, cwd, env = commands[name]
+    def run(key: tuple[str, str]) -> float:
+        tree = by_label.get(key[0], Tree("", "", ROOT))
+        env = tree.env(FORGEBOTTLE_STATE_DIR=str(state))
         started = time.perf_counter()
-        done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, check=False)
+        done = subprocess.run(commands[key], cwd=tree.path, env=env, capture_output=True, check=False)
         took = time.perf_counter() - started
-        if done.returncode != 0 or (name.endswith("status") and b"acme-widgets-1 " not in done.stdout):
-            raise RuntimeError(f"{name}: exit {done.returncode}: {done.stderr.decode(errors='replace')[-300:]}")
+        if done.returncode != 0 or (key[1] == "status" and b"acme-widgets-1 " not in done.stdout):
+            raise RuntimeError(f"{' '.join(key)}: exit {done.returncode}: {done.stderr.decode()[-300:]}")
         return took
 
-    def timed(name: str, into: list[float]) -> None:
-        owner = next((t for t in trees if name.startswith(t.label + " ")), None)
-        if owner is None:
-            into.append(run(name))
-        elif owner.label not in guard.broken:
-            with guard(owner):
-                into.append(run(name))
-
-    times: dict[str, list[float]] = {name: [] for name in commands}
-    for name in commands:  # warm the page cache and the byte-code caches
-        timed(name, [])
-    for r in range(sizes.cli_rounds):
-        for name in rotated(list(commands), r):
-            timed(name, times[name])
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in commands}
+    for r in range(sizes.cli_rounds + 1):  # round 0 only warms the page and byte-code caches
+        for key in rotated(list(commands), r):
+            if key[0] not in guard.broken:
+                with guard(by_label[key[0]]) if key[0] else contextlib.nullcontext():
+                    took = run(key)
+                    times[key] += [took] if r else []
+    python = times["", "pass"]
     status = Row(f"`orchestrate status` at {sizes.cli_bottles:,} bottles", 2.0, False, "×", "its tree's `--version`")
-    version = Row("`--version`", 4.0, False, "×", f"`python -c pass` {median(times['python -c pass']) * 1000:.0f} ms")
-    out: dict[str, Any] = {name: [t * 1000 for t in took] for name, took in times.items()}
+    version = Row("`--version`", 4.0, False, "×", f"`python -c pass` {median(python) * 1000:.0f} ms")
     for tree in trees:
-        v, s = times[f"{tree.label} --version"], times[f"{tree.label} status"]
+        v, s = times[tree.label, "version"], times[tree.label, "status"]
         if v and s and tree.label not in guard.broken:
             status.figures[tree.label] = Figure.of([a / b for a, b in zip(s, v, strict=False)])
-            version.figures[tree.label] = Figure.of([a / b for a, b in zip(v, times["python -c pass"], strict=False)])
+            version.figures[tree.label] = Figure.of([a / b for a, b in zip(v, python, strict=False)])
+    out: dict[str, Any] = {" ".join(key).strip(): [t * 1000 for t in took] for key, took in times.items()}
     out["rows"] = [status, version]
     return out
 
@@ -733,10 +691,9 @@ def bench_cli(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> dict
 
 
 def rss_kib(pid: int) -> int:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
+    with contextlib.suppress(OSError, StopIteration):  # gone, or a zombie
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        return next(int(line.split()[1]) for line in lines if line.startswith("VmRSS:"))
     return 0
 
 
@@ -860,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         parser.error(f"unknown target(s): {', '.join(unknown)}")
-    sizes = Sizes.smoke() if options.smoke else Sizes.full()
+    sizes = SMOKE if options.smoke else Sizes()
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     edited = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "*.py"], capture_output=True)
     new = Tree("after", (head.stdout.strip() or "this tree") + (" + edits" if edited.returncode else ""), ROOT)
@@ -877,10 +834,6 @@ def main(argv: list[str] | None = None) -> int:
                 (root / name).mkdir()
                 guard.begin(name)
                 result = BENCHES[name](sizes, root / name, [t for t in trees if t.label not in guard.broken], guard)
-                for row in result["rows"]:
-                    row.na = {
-                        t.label: guard.broken.get(t.label, "not measured") for t in trees if t.label not in row.figures
-                    }
                 rows += result["rows"]
                 results[name] = {**result, "rows": [dataclasses.asdict(r) for r in result["rows"]]}
                 print(f"   ({time.monotonic() - started:.0f}s)", flush=True)
