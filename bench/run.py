@@ -365,22 +365,16 @@ def serving(tree: Tree, root: Path, forge: Forge) -> Iterator[Serve]:
 
 # -- 1. webhook intake ---------------------------------------------------------------------------
 
-PAYLOAD = json.dumps(
-    {
-        "action": "opened",
-        "number": 999_999,
-        "run": "RUN",
-        "issue": {"number": 999_999},
-        "repository": {"name": "demo", "owner": {"login": "alice"}},
-        "sender": {"login": "alice"},
-    },
-    indent=2,
+# An issues/opened payload as Gitea shapes it; NUMBER and RUN make each body unique (never a replay).
+PAYLOAD = (
+    '{"action": "opened", "number": NUMBER, "run": "RUN", "issue": {"number": NUMBER},'
+    ' "repository": {"name": "demo", "owner": {"login": "alice"}}, "sender": {"login": "alice"}}'
 )
 
 
 def webhook(run: str, n: int) -> tuple[bytes, str]:
     """A signed ``issues/opened`` delivery (it goes to the worker); unique, so never a replay."""
-    body = PAYLOAD.replace("999999", str(n)).replace("RUN", run).encode()
+    body = PAYLOAD.replace("NUMBER", str(n)).replace("RUN", run).encode()
     signature = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
     delivery = f"{run}-{n}"
     head = (
