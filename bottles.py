@@ -54,9 +54,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from config import AgentSpec, BottleSpec, Secret, redact, system_binds, valid_slug
-from gitea import basic_auth_header, branch_for
+from gitea import basic_auth_header
 from scan import GIT_TIMEOUT, Finding, ScanFailed, plain_git_env, scan_change, scan_text
-from statemachine import ForgeBottleError
+from statemachine import ForgeBottleError, branch_for
 
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the NUL
 # The largest bundle the host copies out of the sandbox.

@@ -7,7 +7,6 @@ HTTP face ``web.py``.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import functools
 import json
@@ -160,6 +159,8 @@ log_format_option = click.option(
 @edge
 def serve(config_file: str | None, log_format: str, insecure_no_webhook_secret: bool) -> None:
     """Run the service: webhooks, sidecars, bottles, watchdog."""
+    import asyncio
+
     import uvicorn
 
     from gitea import Gitea
@@ -357,10 +358,10 @@ def _open_store(config: Config) -> Store:
 @edge
 def orchestrate_status(config_file: str | None, as_json: bool, show_all: bool) -> None:
     """Live bottles, straight from SQLite (works with the server down)."""
-    from provenance import bottle_view
-
     states = _open_store(_load(config_file)).all(live_only=not show_all)
     if as_json:
+        from provenance import bottle_view
+
         click.echo(json.dumps([bottle_view(s) for s in states], indent=2))
         return
     if not states:
@@ -449,6 +450,8 @@ def logs_command(config_file: str | None, slug: str, run: int | None, follow: bo
 @edge
 def check(config_file: str | None, repos: tuple[str, ...]) -> None:
     """Prove each part works: config, forge, token, org, webhook, a real bottle, each agent."""
+    import asyncio
+
     from operate import run_checks
 
     def load() -> Config:
@@ -466,6 +469,8 @@ def check(config_file: str | None, repos: tuple[str, ...]) -> None:
 @edge
 def setup(config_file: str | None, repo: str, dry_run: bool) -> None:
     """Create the bot-bottle:<agent> labels and the webhook on a repository (idempotent)."""
+    import asyncio
+
     from operate import setup as prepare
 
     config = Config.load(os.environ, config_path(config_file, os.environ))

@@ -29,7 +29,7 @@ from urllib.parse import quote
 
 import httpx
 
-from statemachine import ForgeBottleError
+from statemachine import ForgeBottleError, branch_for
 
 # Bodies we accept from agents and send to the forge (DESIGN.md §7).
 MAX_TEXT_BYTES = 64 * 1024
@@ -275,10 +275,6 @@ class Forge(abc.ABC):
 
     async def aclose(self) -> None:
         return None
-
-
-def branch_for(issue: int) -> str:
-    return f"bot-bottle/issue-{issue}"
 
 
 _CLOSING = re.compile(r"(?:^|[\s(\[])(close[sd]?|fix(?:e[sd])?|resolve[sd]?):?\s+#(\d+)", re.IGNORECASE)

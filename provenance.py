@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gitea import branch_for
+from statemachine import branch_for
 from store import ForgeState, Store, verify_chain
 
 

@@ -38,18 +38,22 @@ from bottles import (
     find_bwrap,
 )
 from config import Config, ConfigError, redact
-from gitea import Forge, ForgeAuthError, ForgeError, ForgeUnavailable, PullRequest, Repo, ScopedForge, User, branch_for
+from gitea import Forge, ForgeAuthError, ForgeError, ForgeUnavailable, PullRequest, Repo, ScopedForge, User
 from metrics import Metrics
 from rules import Decision, Destroy, Ignore, Launch, Link, Prompt, Rules
 from serving import UnixServer
 from sidecar import WRITES, sidecar_app
-from statemachine import Bottle, BottleState, ForgeBottleError, Trigger, fire
+from statemachine import Bottle, BottleState, ForgeBottleError, Trigger, branch_for, fire
 from store import ForgeState, InboxEvent, NewEvent, Store
 
 log = logging.getLogger("forgebottle")
 
 MAX_PROMPT_BYTES = 96 * 1024  # one argv element may hold 128 KiB
 FORGE_PROBE_SECONDS = 30.0
+# Gitea gives a delivery 5 s and never retries, while stored events can wait: the worker lets a
+# burst of webhooks in first (no arrival for INTAKE_QUIET), but never waits past MAX_DEFERRAL.
+INTAKE_QUIET = 0.02
+MAX_DEFERRAL = 2.0
 
 OVERLAY = """\
 You are an agent working in a forgebottle bottle on {owner}/{repo}, issue #{issue}.
@@ -117,9 +121,17 @@ class Intake:
         self.store = store
         self._queue: list[tuple[NewEvent, asyncio.Future[tuple[int, bool]]]] = []
         self._committer: asyncio.Task[None] | None = None
+        self.last_arrival = float("-inf")  # monotonic
+
+    async def quiet(self) -> None:
+        """Return once no webhook has arrived for INTAKE_QUIET, or after MAX_DEFERRAL."""
+        deadline = time.monotonic() + MAX_DEFERRAL
+        while time.monotonic() - self.last_arrival < INTAKE_QUIET and time.monotonic() < deadline:
+            await asyncio.sleep(INTAKE_QUIET)
 
     async def add(self, event: NewEvent) -> tuple[int, bool]:
         """(event id, is new), once the event is committed at synchronous=FULL."""
+        self.last_arrival = time.monotonic()
         future: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
         self._queue.append((event, future))
         if self._committer is None or self._committer.done():
@@ -304,6 +316,7 @@ class Service:
                 continue
             events = self.store.pending_events()
             for event in events:
+                await self.intake.quiet()
                 if not await self.process(event):
                     break  # the forge is unavailable: this event (and those after it) later
             if not events:

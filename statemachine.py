@@ -95,6 +95,11 @@ def allowed(state: BottleState, trigger: Trigger) -> BottleState | None:
     return None
 
 
+def branch_for(issue: int) -> str:
+    """The one branch a bottle may push to and open a pull request from."""
+    return f"bot-bottle/issue-{issue}"
+
+
 @dataclasses.dataclass(frozen=True)
 class TransitionRecord:
     at: str
