@@ -355,3 +355,22 @@ def test_idle_connections_do_not_keep_a_webhook_out(serve_factory: Callable[...,
             sock.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     print(f"\nFIGURES idle-connections: idle=1100, webhook_seconds={took:.2f}, closed_by_deadline={closed + 1}")
+
+
+# -- finding 1's last part: failed pushes count against the write limit --------------------------
+
+FAILING_PUSHES = r"""
+import subprocess
+subprocess.run("git checkout -q --orphan empty && git rm -rfq . ", shell=True, check=False)
+result["codes"] = [rpc("push").get("error", {}).get("code") for _ in range(4)]
+rpc("signal_done", status="failure", summary="nothing to push")
+"""
+
+
+def test_failed_pushes_count_against_the_write_limit(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(scripts={"probe": agent(FAILING_PUSHES)}, writes_per_hour=2).start()
+    issue = rig.open_issue(agent="probe")
+    state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1, timeout=60)
+    codes = result(rig, state.slug)["codes"]
+    assert codes == [-32002, -32002, -32003, -32003], codes
+    print(f"\nFIGURES failed-pushes: tried=4, failed=2, rate_limited={codes.count(-32003)}")
