@@ -40,12 +40,10 @@ class Denied(ForgeBottleError):
     """A request the gateway refuses. ``str(exc)`` is one line for the agent (it never echoes
     the raw request); ``fix`` is the config line that would allow it, for the operator's log."""
 
-    http_status = 403
-
     def __init__(self, reason: str, *, fix: str = "", status: int = 403) -> None:
         super().__init__(reason)
         self.fix = fix
-        self.http_status = status
+        self.status = status  # 403 refused, 400 malformed, 502 the host is unreachable
 
 
 def printable(raw: str, limit: int = 80) -> str:
