@@ -34,7 +34,7 @@ from typing import Any
 import h11
 import httpx
 
-from config import AgentSpec, Config, EgressSpec, ModelSpec, Secret, model_credential
+from config import AgentSpec, Config, ConfigError, EgressSpec, Secret
 from egress_policy import Denied, Guard, Policy, parse_authority, parse_http_url, printable
 
 log = logging.getLogger("forgebottle")
@@ -239,15 +239,15 @@ class Gateway:
         slug: str,
         record: Record,
         issue_used: int = 0,
-        environ: dict[str, str] | None = None,
     ) -> Gateway:
         """A gateway with ``config``'s policy and the agent's route and budgets."""
         egress = config.egress
         route = None
         if agent.model is not None:
-            model: ModelSpec = config.models[agent.model]
-            key = model.credential or model_credential(model, environ if environ is not None else dict(os.environ))
-            route = Route(model.name, model.api, httpx.URL(model.upstream), key)
+            model = config.models.get(agent.model)
+            if model is None or model.credential is None:
+                raise ConfigError(f"agents.{agent.name}.model: the route {agent.model!r} has no credential loaded")
+            route = Route(model.name, model.api, httpx.URL(model.upstream), model.credential)
         forge_host = httpx.URL(config.api_url).host if config.api_url else ""
         return cls(
             slug=slug,

@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 import metrics as m
 from config import Config, Secret, redact
-from provenance import bottle_view, provenance
+from provenance import bottle_views, provenance
 from rules import triage
 from service import Service
 from serving import BodyTooSlow, UnixServer, read_bounded
@@ -166,7 +166,7 @@ def create_app(config: Config, service: Service) -> Starlette:
 
     async def bottles(request: Request) -> Response:
         authorize(request)
-        return JSONResponse([bottle_view(s) for s in store.all()])
+        return JSONResponse(bottle_views(store, store.all()))
 
     async def events(request: Request) -> Response:
         authorize(request)

@@ -188,6 +188,11 @@ class GatewayThread:
         self.sock = sock
         self.call(self.gateway.start(sock))
 
+    def records(self, count: int) -> list[EgressEvent]:
+        """The records, once there are at least ``count``."""
+        wait_until(lambda: len(self.events) >= count, what=f"{count} egress records")
+        return list(self.events)
+
     def call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
 
@@ -538,7 +543,7 @@ def test_connect_tunnel_keeps_tls_end_to_end(
     assert status == 0  # curl: the CONNECT was answered 403
     status, body = curl(relay.proxy, f"https://blocked.test:{port}/", ca=ca_file)
     assert status == 0
-    ops = wait_until(lambda: len(gateway.events) >= 3 and gateway.events, what="three records")
+    ops = gateway.records(3)
     by_target = {e.target: e for e in ops}
     ok = by_target[f"allowed.test:{port}"]
     assert ok.outcome == "ok" and ok.data["bytes_down"] > 0 and ok.data["address"] == "127.0.0.1"
@@ -621,7 +626,7 @@ def test_bytes_recorded_match_bytes_sent(
     assert status == 200
     status, body = curl(relay.proxy, f"http://allowed.test:{port}/echo", "--data-binary", f"@{upload}")
     assert status == 200 and json.loads(body)["received"] == upload.stat().st_size
-    down, up = wait_until(lambda: len(gateway.events) >= 2 and gateway.events[:2], what="two records")
+    down, up = gateway.records(2)[:2]
     assert abs(down.data["bytes_down"] - size) <= size * 0.01
     assert abs(up.data["bytes_up"] - upload.stat().st_size) <= upload.stat().st_size * 0.01
     figures(
@@ -673,7 +678,7 @@ def test_model_route_swaps_the_key_and_reads_usage(
         else:
             assert headers["authorization"] == f"Bearer {MODEL_KEY}" and "x-api-key" not in headers
         assert "forgebottle-gateway" not in json.dumps(headers)
-    calls = wait_until(lambda: len(gateway.events) >= 2 and gateway.events, what="two model records")
+    calls = gateway.records(2)
     expected = {"input_tokens": 1200, "output_tokens": 345}
     if api == "anthropic":
         expected["cache_read_input_tokens"] = 1000
@@ -710,9 +715,7 @@ def test_a_wrong_model_name_and_a_dead_upstream(
     plain_upstream.close()
     status, _ = post_model(relay, "/v1/messages", {})
     assert status == 502
-    outcomes = wait_until(
-        lambda: len(gateway.events) >= 2 and [(e.op, e.outcome) for e in gateway.events], what="two records"
-    )
+    outcomes = [(e.op, e.outcome) for e in gateway.records(2)]
     assert ("model", "denied") in outcomes and ("model", "error") in outcomes
     figures("model_errors", outcomes=outcomes)
 
