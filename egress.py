@@ -35,7 +35,7 @@ import h11
 import httpx
 
 from config import AgentSpec, Config, ConfigError, EgressSpec, Secret
-from egress_policy import Denied, Guard, Policy, parse_authority, parse_http_url, printable
+from egress_policy import Denied, Guard, IPAddress, Policy, parse_authority, parse_http_url, printable
 
 log = logging.getLogger("forgebottle")
 
@@ -365,6 +365,7 @@ class Gateway:
     def _deny(self, conn: h11.Connection, writer: asyncio.StreamWriter, op: str, target: str, denied: Denied) -> None:
         _refuse(conn, writer, denied.status, str(denied))
         host, _, port = target.rpartition(":")
+        host = host.strip("[]")
         outcome = "error" if denied.status == 502 else "denied"
         data: dict[str, Any] = {"host": host, "port": int(port) if port.isdigit() else 0, "reason": str(denied)}
         if denied.fix:
@@ -379,6 +380,16 @@ class Gateway:
                 f"; to allow it: {denied.fix}" if denied.fix else "",
                 extra={"slug": self.slug, "op": op, "outcome": outcome},
             )
+
+    async def _decide(self, host: str, literal: IPAddress | None, port: int) -> str:
+        """The address to connect to, or Denied. An address literal meets the guard first (its
+        reason is the better one); a name meets the policy first, so that a name no entry allows
+        is never looked up (a lookup of an agent's chosen name is itself a way out)."""
+        if literal is not None:
+            await self.guard.address(host, literal, port)
+        self.policy.check(host, port)
+        self._check_bytes()
+        return await self.guard.address(host, literal, port)
 
     def _check_bytes(self) -> None:
         if self.bytes_total >= self.limits.max_bytes:
@@ -397,13 +408,11 @@ class Gateway:
         except Denied as denied:
             self._deny(conn, writer, "egress", printable(raw), denied)
             return
-        target = f"{host}:{port}"
+        target = _target(host, port)
         try:
             while not isinstance(await _next(conn, reader), h11.EndOfMessage):
                 pass
-            self.policy.check(host, port)
-            self._check_bytes()
-            address = await self.guard.address(host, literal, port)
+            address = await self._decide(host, literal, port)
         except Denied as denied:
             self._deny(conn, writer, "egress", target, denied)
             return
@@ -463,6 +472,7 @@ class Gateway:
     def _record_flow(self, op: str, target: str, address: str, method: str, flow: _Flow, started: float) -> None:
         seconds = time.monotonic() - started
         host, _, port = target.rpartition(":")
+        host = host.strip("[]")
         data: dict[str, Any] = {
             "host": host,
             "port": int(port),
@@ -495,12 +505,10 @@ class Gateway:
         except Denied as denied:
             self._deny(conn, writer, "egress", printable(raw.partition("//")[2].partition("/")[0]), denied)
             return
-        target = f"{host}:{port}"
+        target = _target(host, port)
         try:
-            self.policy.check(host, port)
             self.policy.check_method(method)
-            self._check_bytes()
-            address = await self.guard.address(host, literal, port)
+            address = await self._decide(host, literal, port)
         except Denied as denied:
             self._deny(conn, writer, "egress", target, denied)
             return
@@ -551,8 +559,9 @@ class Gateway:
         headers += [("host", upstream.netloc.decode("ascii")), ("accept-encoding", "identity"), *route.auth_headers()]
         flow = _Flow()
         sni = upstream.host if upstream.scheme == "https" else None
-        status, tokens = await self._forward(conn, reader, writer, method, url, headers, flow, sni=sni, usage=True)
-        self.budget.add(used_tokens(tokens))
+        status, tokens = await self._forward(
+            conn, reader, writer, method, url, headers, flow, sni=sni, usage=lambda t: self.budget.add(used_tokens(t))
+        )
         seconds = time.monotonic() - started
         data: dict[str, Any] = {
             "host": upstream.host,
@@ -601,10 +610,11 @@ class Gateway:
         flow: _Flow,
         *,
         sni: str | None,
-        usage: bool = False,
+        usage: Callable[[dict[str, int]], None] | None = None,
     ) -> tuple[int, dict[str, int]]:
         """Send the request (its body streamed from the client) and stream the answer back:
-        (its status, or 0 if there was none; the token usage read from it if ``usage``)."""
+        (its status, or 0 if there was none; the token usage read from it). ``usage`` hears the
+        counts before the client hears the end of the answer, so its next call meets the budget."""
         extensions = {"sni_hostname": sni} if sni else {}
         request = self._client.build_request(
             method, url, headers=headers, content=self._body(conn, reader, flow), extensions=extensions
@@ -622,22 +632,33 @@ class Gateway:
                 _refuse(conn, writer, 502, "the upstream did not answer")
             return 0, {}
         reading = Usage(response.headers.get("content-type", "")) if usage else None
+        length = response.headers.get("content-length", "")
+        expected = int(length) if length.isdigit() else None
+        tokens: dict[str, int] | None = None
+        received = 0
         try:
             answer = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in HOP_HEADERS]
             writer.write(conn.send(h11.Response(status_code=response.status_code, headers=answer)))
             async for chunk in response.aiter_raw(CHUNK):
                 self._count(flow, down=len(chunk))
+                received += len(chunk)
                 if reading is not None:
                     reading.feed(chunk)
+                    if expected is not None and received >= expected:
+                        tokens = _report(reading, usage)  # the client's answer is complete with this chunk
                 writer.write(conn.send(h11.Data(data=chunk)))
                 await asyncio.wait_for(writer.drain(), self.limits.idle_timeout)
+            if reading is not None and tokens is None:
+                tokens = _report(reading, usage)
             writer.write(conn.send(h11.EndOfMessage()))
         except (httpx.HTTPError, h11.LocalProtocolError, TimeoutError) as exc:
             flow.cut = flow.cut or f"upstream: {type(exc).__name__}"
             conn.send_failed()
+            if reading is not None and tokens is None:
+                tokens = _report(reading, usage)  # what a cut answer had reported still counts
         finally:
             await response.aclose()
-        return response.status_code, reading.finish() if reading is not None else {}
+        return response.status_code, tokens or {}
 
     async def _body(self, conn: h11.Connection, reader: asyncio.StreamReader, flow: _Flow) -> AsyncIterator[bytes]:
         while True:
@@ -647,6 +668,13 @@ class Gateway:
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
                 return
+
+
+def _report(reading: Usage, usage: Callable[[dict[str, int]], None] | None) -> dict[str, int]:
+    tokens = reading.finish()
+    if usage is not None:
+        usage(tokens)
+    return tokens
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -668,6 +696,10 @@ async def _next(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
         if event is not h11.NEED_DATA:
             return event
         conn.receive_data(await reader.read(CHUNK))
+
+
+def _target(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _forwarded_headers(request: h11.Request) -> list[tuple[str, str]]:

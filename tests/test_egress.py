@@ -47,6 +47,7 @@ class Upstream(http.server.ThreadingHTTPServer):
     def __init__(self, context: ssl.SSLContext | None = None, usage: dict[str, int] | None = None) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.context = context
+        self.files: Path | None = None  # served under /files/ (a dumb-HTTP git repository, say)
         self.seen: list[dict[str, str]] = []
         self.received = 0
         self.usage = usage or {"input_tokens": 1200, "output_tokens": 345, "cache_read_input_tokens": 1000}
@@ -76,6 +77,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        if self.path.startswith("/files/") and self.server.files is not None:
+            path = (self.server.files / self.path[len("/files/") :].split("?")[0]).resolve()
+            if self.server.files in path.parents and path.is_file():
+                self._send(200, path.read_bytes(), "application/octet-stream")
+            else:
+                self._send(404, b"not found\n", "text/plain")
+            return
         if self.path.startswith("/bytes/"):
             size = int(self.path.split("/")[2])
             self.send_response(200)
