@@ -788,3 +788,73 @@ def test_hostile_clients_get_answers_and_the_gateway_keeps_serving(
     assert set(statuses) <= {"HTTP/1.1 200", "HTTP/1.1 503", "refused"}, statuses
     assert curl(relay.proxy, f"http://allowed.test:{port}/x")[0] == 200
     figures("egress_hostile", slowloris_cut_s=round(cut_after, 1), connects=statuses)
+
+
+# -- the record ------------------------------------------------------------------------------
+
+
+def test_data_is_under_the_hash_and_old_chains_still_verify(tmp_path: Path) -> None:
+    from statemachine import BottleState
+    from store import ForgeState, Store
+
+    store = Store(tmp_path / "db")
+    store.upsert(ForgeState("o", "r", 1, "o-r-1", "a", BottleState.RUNNING, "t", "t"))
+    plain = store.append_operation(
+        "o-r-1", run=1, at="t", op="whoami", target="", outcome="ok", detail="d", duration_ms=1
+    )
+    data = {"host": "pypi.org", "port": 443, "bytes_up": 10, "bytes_down": 2.5e6, "name": "«ü»"}
+    egress = store.append_operation(
+        "o-r-1", run=1, at="t", op="egress", target="pypi.org:443", outcome="ok", detail="d", duration_ms=2, data=data
+    )
+    assert "data" not in plain.content() and egress.content()["data"] == data
+    assert store.operations("o-r-1")[1].data == data and store.verify("o-r-1").verified
+    store.append_operation(
+        "o-r-1", run=1, at="t", op="egress", target="x:443", outcome="denied", detail="d", duration_ms=0, data={}
+    )
+    assert store.egress_denials() == {"o-r-1": 1}
+    with store.transaction() as db:  # an edit of the data alone breaks the chain
+        db.execute("UPDATE operations SET data = ? WHERE seq = 2", ('{"bytes_down":1}',))
+    check = store.verify("o-r-1")
+    assert not check.verified and check.broken_seq == 2
+    store.close()
+
+
+def test_status_shows_denials_without_the_model_key(short_tmp: Path) -> None:
+    from statemachine import BottleState
+    from store import ForgeState, Store
+
+    state_dir = short_tmp / "state"
+    store = Store(state_dir / "bot-bottle.db")
+    store.upsert(ForgeState("o", "r", 1, "o-r-1", "a", BottleState.RUNNING, "t", "t"))
+    for n in range(3):
+        store.append_operation(
+            "o-r-1", run=1, at="t", op="egress", target=f"e{n}:443", outcome="denied", detail="d", duration_ms=0
+        )
+    store.close()
+    config = short_tmp / "config.toml"
+    config.write_text(
+        f'[server]\nstate_dir = "{state_dir}"\n[models.m]\napi = "anthropic"\nupstream = "https://api.anthropic.com"\n'
+        f'credential = "file:{short_tmp}/no-such-key"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORGE")}
+    argv = [sys.executable, str(ROOT / "forgebottle.py"), "orchestrate", "status", "--config", str(config)]
+    table = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()[:2]
+    assert row.split()[header.split().index("DENIED")] == "3"
+    listed = subprocess.run([*argv, "--json"], capture_output=True, text=True, env=env, timeout=60, check=True)
+    assert json.loads(listed.stdout)[0]["egress_denied"] == 3
+    figures("egress_status", denied=3)
+
+
+def test_denials_are_logged_with_the_line_that_would_allow_them(
+    gateway_factory: Callable[..., tuple[GatewayThread, Relay]],
+    plain_upstream: Upstream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = plain_upstream.port
+    gateway, relay = gateway_factory(allow=[], limits=resolve_to_loopback("evil.test"))
+    assert curl(relay.proxy, f"http://evil.test:{port}/")[0] == 403
+    gateway.records(1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f'[egress] allow = ["evil.test:{port}"]' in w for w in warnings), warnings
