@@ -149,8 +149,17 @@ def gateway_rig(
     ca_dir.mkdir()
     ca.cert_pem.write_to_path(str(ca_dir / "ca.pem"))
 
-    def make(network: str = "gateway", *, egress: EgressSpec | None = None, **agent: Any) -> GatewayRig:
-        """Started, with one agent "probe" on ``network``, its other settings ``agent``."""
+    def make(
+        network: str = "gateway",
+        *,
+        egress: EgressSpec | None = None,
+        script: str = PROBE_AGENT,
+        settings: dict[str, Any] | None = None,
+        extra_env: dict[str, str] | None = None,
+        **agent: Any,
+    ) -> GatewayRig:
+        """Started, with one agent "probe" running ``script`` on ``network``, its other settings
+        ``agent``; ``settings`` override the service's config."""
         names = ("allowed.test", "blocked.test", "other.test", "plain.test", "mirror.test", "model.test")
         limits = egress or EgressSpec(
             allow=(
@@ -170,16 +179,18 @@ def gateway_rig(
             "SSL_CERT_FILE": str(ca_dir / "ca.pem"),
             "CURL_CA_BUNDLE": str(ca_dir / "ca.pem"),
             "GIT_SSL_CAINFO": str(ca_dir / "ca.pem"),
+            **(extra_env or {}),
         }
         model = ModelSpec("claude", "anthropic", f"http://model.test:{plain.port}", "env:X", Secret(MODEL_KEY))
         rig = GatewayRig(
             forge,
             short_tmp / f"state{len(made)}",
-            scripts={"probe": PROBE_AGENT},
+            scripts={"probe": script},
             agent_env=env,
             agents={"probe": {"network": network, "ro_binds": (str(ca_dir),), **agent}},
             egress=limits,
             models={"claude": model},
+            **(settings or {}),
         )
         made.append(rig)
         rig.start()
@@ -300,3 +311,58 @@ def test_budget_spent_inside_a_bottle_answers_429(
     run = provenance(rig.store, slug)["runs"][0]
     assert run["budget"] == {"tokens": 2000, "used": 3090, "exhausted": True}
     figures("egress_budget_bottle", budget=2000, used=run["budget"]["used"], third_call=seen["model_2"])
+
+
+READ_ONLY_AGENT = r"""#!/bin/sh
+out="$HOME/probe.txt"
+: > "$out"
+code() { curl -sS --max-time 20 -o /dev/null -w '%{http_code}' "$@" 2>/dev/null; }
+echo "get=$(code "http://plain.test:$PLAIN_PORT/x")" >> "$out"
+echo "post=$(code -d payload "http://plain.test:$PLAIN_PORT/echo")" >> "$out"
+echo "model_post=$(code -d '{}' -H 'content-type: application/json' "$ANTHROPIC_BASE_URL/v1/messages")" >> "$out"
+echo "tls_get=$(code "https://allowed.test:$TLS_PORT/hello")" >> "$out"
+forge done success probed
+"""
+
+
+def test_read_only_refuses_writes_from_a_bottle(
+    gateway_rig: Callable[..., GatewayRig], upstreams: tuple[Upstream, Upstream]
+) -> None:
+    tls, plain = upstreams
+    limits = EgressSpec(
+        allow=(f"plain.test:{plain.port}", f"allowed.test:{tls.port}"),
+        read_only=True,
+        resolve=(("plain.test", "127.0.0.1"), ("allowed.test", "127.0.0.1"), ("model.test", "127.0.0.1")),
+    )
+    rig = gateway_rig(egress=limits, script=READ_ONLY_AGENT, model="claude")
+    seen, slug = probe(rig)
+    assert (seen["get"], seen["post"], seen["model_post"]) == ("200", "403", "403")
+    assert seen["tls_get"] == "200"  # a tunnel's contents are TLS: read_only cannot see its methods
+    assert plain.received == 0 and not plain.seen
+    reasons = [op.data["reason"] for op in rig.store.operations(slug) if op.outcome == "denied" and op.data]
+    assert len(reasons) == 2 and all("read-only" in r for r in reasons)
+    figures("egress_read_only_bottle", get=seen["get"], post=seen["post"], model_post=seen["model_post"])
+
+
+BUSY_AGENT = r"""#!/bin/sh
+# Silent on stdout, no sidecar calls: only gateway traffic (or nothing) for a while.
+i=0
+while [ $i -lt 12 ]; do
+  [ -n "$QUIET" ] || curl -s -o /dev/null --max-time 5 "http://plain.test:$PLAIN_PORT/x"
+  sleep 0.5
+  i=$((i + 1))
+done
+forge done success "kept busy"
+"""
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_gateway_traffic_keeps_the_watchdog_away(gateway_rig: Callable[..., GatewayRig], quiet: bool) -> None:
+    quiet_env = {"QUIET": "1"} if quiet else {}
+    rig = gateway_rig(script=BUSY_AGENT, settings={"watchdog_timeout": 2.5}, extra_env=quiet_env)
+    _, state = rig.run_once(agent="probe")
+    run = rig.store.runs(state.slug)[0]
+    assert bool(run["watchdog_fired"]) is quiet, run
+    traffic = [op for op in rig.store.operations(state.slug) if op.op == "egress"]
+    assert (len(traffic) >= 10) is not quiet
+    figures("egress_watchdog", quiet=quiet, watchdog_fired=bool(run["watchdog_fired"]), requests=len(traffic))
