@@ -417,6 +417,12 @@ class Config:
                     environ.get(ENV_API_TOKEN_FILE) or server.get("api_token_file"),
                 )
                 if f
+            )
+            # A model's key file must stay out of every bottle as the token's does.
+            + tuple(
+                Path(m.credential_source[5:]).expanduser()
+                for m in models.values()
+                if m.credential_source[:5] == "file:"
             ),
             egress=_egress(toml.get("egress", {})),
             models=models,

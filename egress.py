@@ -626,8 +626,8 @@ class Gateway:
             request.headers["accept-encoding"] = "identity"
         try:
             response = await self._client.send(request, stream=True)
-        except (httpx.HTTPError, httpx.InvalidURL, TimeoutError) as exc:
-            flow.cut = f"upstream: {type(exc).__name__}"
+        except (httpx.HTTPError, httpx.InvalidURL, TimeoutError, _Cut) as exc:
+            flow.cut = flow.cut or f"upstream: {type(exc).__name__}"
             if conn.our_state is h11.SEND_RESPONSE:
                 _refuse(conn, writer, 502, "the upstream did not answer")
             return 0, {}
@@ -651,7 +651,7 @@ class Gateway:
             if reading is not None and tokens is None:
                 tokens = _report(reading, usage)
             writer.write(conn.send(h11.EndOfMessage()))
-        except (httpx.HTTPError, h11.LocalProtocolError, TimeoutError) as exc:
+        except (httpx.HTTPError, h11.LocalProtocolError, TimeoutError, _Cut) as exc:
             flow.cut = flow.cut or f"upstream: {type(exc).__name__}"
             conn.send_failed()
             if reading is not None and tokens is None:

@@ -859,3 +859,43 @@ def test_denials_are_logged_with_the_line_that_would_allow_them(
     gateway.records(1)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(f'[egress] allow = ["evil.test:{port}"]' in w for w in warnings), warnings
+
+
+def test_a_model_key_file_a_bottle_could_see_is_refused(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "model.key").write_text(MODEL_KEY)
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[models.m]\napi = "openai"\nupstream = "https://api.openai.com"\ncredential = "file:{keys}/model.key"\n'
+        f'[agents.a]\ncommand = ["x"]\nnetwork = "gateway"\nmodel = "m"\nro_binds = ["{keys}"]\n'
+    )
+    env = {"FORGE_GITEA_API": "https://git.example/api/v1", "FORGE_TOKEN": "t", "FORGE_WEBHOOK_SECRET": "w"}
+    with pytest.raises(ConfigError, match=r"^agents\.a: .*model\.key would be visible in the bottle"):
+        Config.load(env, path)
+
+
+def test_max_bytes_cuts_the_run_and_idle_tunnels_are_closed(
+    gateway_factory: Callable[..., tuple[GatewayThread, Relay]], plain_upstream: Upstream
+) -> None:
+    port = plain_upstream.port
+    limits = resolve_to_loopback("allowed.test", max_bytes=1024 * 1024, idle_timeout=1.0)
+    gateway, relay = gateway_factory(allow=[f"allowed.test:{port}"], limits=limits)
+    status, body = curl(relay.proxy, f"http://allowed.test:{port}/bytes/{4 * 1024 * 1024}")
+    assert len(body) < 4 * 1024 * 1024
+    cut = gateway.records(1)[0]
+    assert cut.outcome == "error" and "egress limit" in cut.data["cut"]
+    status, body = curl(relay.proxy, f"http://allowed.test:{port}/x")
+    assert status == 403 and "bytes of egress" in body
+    # An idle tunnel: nothing either way for idle_timeout, and it is closed and recorded.
+    gateway2, relay2 = gateway_factory(
+        allow=[f"allowed.test:{port}"], limits=resolve_to_loopback("allowed.test", idle_timeout=1.0)
+    )
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", relay2.port), timeout=20) as sock:
+        sock.sendall(f"CONNECT allowed.test:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+        assert sock.recv(1024) == b""  # closed by the gateway, not by us
+    idle = gateway2.records(1)[0]
+    assert idle.data["cut"] == "idle for 1s" and time.monotonic() - started < 15
+    figures("egress_limits", cut_at=cut.data["bytes_down"], idle_cut_s=round(time.monotonic() - started, 1))
