@@ -295,7 +295,7 @@ def orchestrate_status(config_file: str | None, as_json: bool, show_all: bool) -
         click.echo("no live bottles")
         return
     denied = store.egress_denials()
-    rows = [("SLUG", "STATE", "AGENT", "AGE", "CHECK-IN", "DENIED", "ISSUE", "PR")]
+    rows = [("SLUG", "STATE", "AGENT", "AGE", "CHECK-IN", "ISSUE", "PR", "DENIED")]
     for s in states:
         rows.append(
             (
@@ -304,9 +304,9 @@ def orchestrate_status(config_file: str | None, as_json: bool, show_all: bool) -
                 s.agent_name,
                 _age(s.created_at),
                 _age(s.last_checkin_at),
-                str(denied.get(s.slug, 0)),
                 s.issue_url or f"{s.owner}/{s.repo}#{s.issue_number}",
                 s.pr_url or "-",
+                str(denied.get(s.slug, 0)),  # refused egress
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
