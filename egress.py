@@ -147,8 +147,8 @@ class Usage:
     def _event(self, payload: bytes) -> None:
         try:
             doc = json.loads(payload)
-        except ValueError:
-            return  # "[DONE]", or not JSON at all
+        except (ValueError, RecursionError):
+            return  # "[DONE]", not JSON at all, or nested past what the parser takes
         if not isinstance(doc, dict):
             return
         usage = doc.get("usage")
@@ -469,7 +469,9 @@ class Gateway:
             with contextlib.suppress(OSError):
                 writer.write_eof()
 
-    def _record_flow(self, op: str, target: str, address: str, method: str, flow: _Flow, started: float) -> None:
+    def _record_flow(
+        self, op: str, target: str, address: str, method: str, flow: _Flow, started: float, *, status: int = 0
+    ) -> None:
         seconds = time.monotonic() - started
         host, _, port = target.rpartition(":")
         host = host.strip("[]")
@@ -482,7 +484,10 @@ class Gateway:
             "bytes_down": flow.down,
             "duration": round(seconds, 3),
         }
-        detail = f"{method} {target}: {flow.up} bytes up, {flow.down} down in {seconds:.1f}s"
+        answer = f" -> {status}" if status else ""
+        if status:
+            data["status"] = status
+        detail = f"{method} {target}{answer}: {flow.up} bytes up, {flow.down} down in {seconds:.1f}s"
         if flow.cut:
             data["cut"] = flow.cut
             detail += f"; cut: {flow.cut}"
@@ -518,7 +523,7 @@ class Gateway:
         flow = _Flow()
         url = f"http://{ip}:{port}{path}"
         status, _ = await self._forward(conn, reader, writer, method, url, headers, flow, sni=None)
-        self._record_flow("egress", target, address, f"{method} {status}", flow, started)
+        self._record_flow("egress", target, address, method, flow, started, status=status)
 
     async def _model(
         self,
@@ -616,8 +621,10 @@ class Gateway:
         (its status, or 0 if there was none; the token usage read from it). ``usage`` hears the
         counts before the client hears the end of the answer, so its next call meets the budget."""
         extensions = {"sni_hostname": sni} if sni else {}
+        # As bytes: header values need not be ASCII (latin-1 round-trips what h11 received).
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         request = self._client.build_request(
-            method, url, headers=headers, content=self._body(conn, reader, flow), extensions=extensions
+            method, url, headers=raw, content=self._body(conn, reader, flow), extensions=extensions
         )
         for default in ("user-agent", "accept"):
             if not any(k == default for k, _ in headers):
@@ -626,6 +633,11 @@ class Gateway:
             request.headers["accept-encoding"] = "identity"
         try:
             response = await self._client.send(request, stream=True)
+        except h11.RemoteProtocolError:
+            flow.cut = "malformed request body"
+            if conn.our_state is h11.SEND_RESPONSE:
+                _refuse(conn, writer, 400, flow.cut)
+            return 0, {}
         except (httpx.HTTPError, httpx.InvalidURL, TimeoutError, _Cut) as exc:
             flow.cut = flow.cut or f"upstream: {type(exc).__name__}"
             if conn.our_state is h11.SEND_RESPONSE:
@@ -637,8 +649,10 @@ class Gateway:
         tokens: dict[str, int] | None = None
         received = 0
         try:
-            answer = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in HOP_HEADERS]
-            writer.write(conn.send(h11.Response(status_code=response.status_code, headers=answer)))
+            # As bytes: an upstream's header values need not be ASCII, and pass through untouched.
+            answer = [(k, v) for k, v in response.headers.raw if k.lower().decode("latin-1") not in HOP_HEADERS]
+            reason = response.reason_phrase.encode("latin-1", "replace")
+            writer.write(conn.send(h11.Response(status_code=response.status_code, headers=answer, reason=reason)))
             async for chunk in response.aiter_raw(CHUNK):
                 self._count(flow, down=len(chunk))
                 received += len(chunk)

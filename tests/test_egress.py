@@ -443,6 +443,7 @@ def test_usage_from_json_and_sse_split_anywhere() -> None:
     hostile = Usage("text/event-stream")
     hostile.feed(b"data: " + b"[" * 2_000_000)  # an endless line is dropped, not parsed
     hostile.feed(b'\ndata: {"usage":{"input_tokens":1}}\n')
+    hostile.feed(b"data: " + b"[" * 500_000 + b"\n")  # deep enough to exhaust the parser's recursion
     assert hostile.finish() == {"input_tokens": 1}
 
 
@@ -757,6 +758,12 @@ def test_hostile_clients_get_answers_and_the_gateway_keeps_serving(
     assert raw_exchange(relay.port, flood).startswith(b"HTTP/1.1 4")
     non_utf8 = raw_exchange(relay.port, b"CONNECT \xff\xfe:443 HTTP/1.1\r\nHost: x\r\n\r\n")
     assert non_utf8.startswith(b"HTTP/1.1 4")
+    binary_header = f"GET http://allowed.test:{port}/x HTTP/1.1\r\nHost: x\r\nX-Bin: \xff\xe9\r\n\r\n"
+    assert raw_exchange(relay.port, binary_header.encode("latin-1"), first=True).startswith(b"HTTP/1.1 200 OK")
+    bad_chunks = f"POST http://allowed.test:{port}/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert raw_exchange(relay.port, bad_chunks.encode() + b"5\r\nhello\r\nZZ\r\n").startswith(b"HTTP/1.1 400")
+    smuggle = f"GET http://allowed.test:{port}/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"
+    assert raw_exchange(relay.port, smuggle.encode()).startswith(b"HTTP/1.1 400")
     # Slowloris: connections that dribble a head never get to hold the slots.
     started = time.monotonic()
     slow = [socket.create_connection(("127.0.0.1", relay.port)) for _ in range(16)]
