@@ -80,8 +80,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path.startswith("/files/") and self.server.files is not None:
             path = (self.server.files / self.path[len("/files/") :].split("?")[0]).resolve()
+            if path.is_dir():
+                path = path / "index.html"
             if self.server.files in path.parents and path.is_file():
-                self._send(200, path.read_bytes(), "application/octet-stream")
+                kind = "text/html" if path.suffix == ".html" else "application/octet-stream"
+                self._send(200, path.read_bytes(), kind)
             else:
                 self._send(404, b"not found\n", "text/plain")
             return

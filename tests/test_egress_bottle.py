@@ -9,12 +9,14 @@ the internet and are reached by names mapped in ``egress.resolve``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import ssl
 import subprocess
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -89,8 +91,33 @@ if git clone -q "https://allowed.test:$TLS_PORT/files/repo.git" "$HOME/clone" 2>
 else
   say "git_clone=failed"
 fi
+index="https://allowed.test:$TLS_PORT/files/simple/"
+if pip3 download -q --no-deps --disable-pip-version-check --index-url "$index" --cert "$SSL_CERT_FILE" \
+     -d "$HOME/dl" fbdemo 2>"$HOME/pip.err" && [ -f "$HOME/dl/fbdemo-1.0-py3-none-any.whl" ]; then
+  say "pip_download=ok"
+else
+  say "pip_download=failed"
+fi
 forge done success probed
 """
+
+
+def package_index(root: Path) -> None:
+    """``root/simple/fbdemo/``: a PEP 503 index of one small wheel, servable as static files."""
+    wheel = root / "simple" / "fbdemo" / "fbdemo-1.0-py3-none-any.whl"
+    wheel.parent.mkdir(parents=True)
+    files = {
+        "fbdemo/__init__.py": "",
+        "fbdemo-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: fbdemo\nVersion: 1.0\n",
+        "fbdemo-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{name},,\n" for name in files) + "fbdemo-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, text in {**files, "fbdemo-1.0.dist-info/RECORD": record}.items():
+            archive.writestr(name, text)
+    link = f'<a href="{wheel.name}#sha256={hashlib.sha256(wheel.read_bytes()).hexdigest()}">{wheel.name}</a>'
+    (wheel.parent / "index.html").write_text(f"<!DOCTYPE html><html><body>{link}</body></html>")
+    (root / "simple" / "index.html").write_text('<!DOCTYPE html><html><body><a href="fbdemo/">fbdemo</a></body></html>')
 
 
 def dumb_git_repository(root: Path) -> Path:
@@ -133,6 +160,7 @@ def upstreams(ca: trustme.CA) -> Iterator[tuple[Upstream, Upstream]]:
     ca.issue_cert("allowed.test", "blocked.test", "other.test").configure_cert(context)
     tls, plain = Upstream(context), Upstream()
     tls.files = dumb_git_repository(Path(tempfile.mkdtemp(prefix="fb-git-", dir="/tmp")))
+    package_index(tls.files)
     yield tls, plain
     shutil.rmtree(tls.files, ignore_errors=True)
     tls.close()
@@ -235,6 +263,7 @@ def test_gateway_bottle_reaches_what_is_allowed_and_nothing_else(
     assert seen["direct_host"] == "000"
     assert seen[f"direct_{rig.forge.server.port}"] == "blocked" and seen[f"direct_{plain.port}"] == "blocked"
     assert seen["git_clone"] == "ok", (rig.home(slug) / "clone.err").read_text()
+    assert seen["pip_download"] == "ok", (rig.home(slug) / "pip.err").read_text()
     # The model route: the real key reached the upstream, the bottle only the placeholder.
     assert (seen["model_0"], seen["model_1"], seen["model_2"]) == ("200", "200", "200")
     assert [h["x-api-key"] for h in plain.seen] == [MODEL_KEY] * 3
