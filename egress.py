@@ -60,6 +60,7 @@ HOP_HEADERS = frozenset(
         "transfer-encoding",
         "upgrade",
         "host",
+        "expect",  # answered here (100 Continue), not passed on
     }
 )
 KEY_HEADERS = frozenset({"x-api-key", "authorization", "api-key", "x-goog-api-key"})
@@ -624,7 +625,7 @@ class Gateway:
         # As bytes: header values need not be ASCII (latin-1 round-trips what h11 received).
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         request = self._client.build_request(
-            method, url, headers=raw, content=self._body(conn, reader, flow), extensions=extensions
+            method, url, headers=raw, content=self._body(conn, reader, writer, flow), extensions=extensions
         )
         for default in ("user-agent", "accept"):
             if not any(k == default for k, _ in headers):
@@ -674,7 +675,11 @@ class Gateway:
             await response.aclose()
         return response.status_code, tokens or {}
 
-    async def _body(self, conn: h11.Connection, reader: asyncio.StreamReader, flow: _Flow) -> AsyncIterator[bytes]:
+    async def _body(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flow: _Flow
+    ) -> AsyncIterator[bytes]:
+        if conn.they_are_waiting_for_100_continue:  # curl waits a second for this before a large body
+            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         while True:
             event = await asyncio.wait_for(_next(conn, reader), self.limits.idle_timeout)
             if isinstance(event, h11.Data):

@@ -161,7 +161,11 @@ def relay(argv: list[str]) -> int:
     if not command or not port.isdigit():
         parser.error("give --listen HOST:PORT and, after --, the command to run")
     # Bound before the agent starts: its first request finds the listener there.
-    listener = socket.create_server((host.strip("[]") or "127.0.0.1", int(port)), backlog=1024)
+    try:
+        listener = socket.create_server((host.strip("[]") or "127.0.0.1", int(port)), backlog=1024)
+    except OSError as exc:
+        print(f"forge relay: cannot listen on {args.listen}: {exc.strerror}", file=sys.stderr)
+        return 1
     parent = os.getpid()
     if os.fork() == 0:
         import asyncio
