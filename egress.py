@@ -199,6 +199,143 @@ class _Flow:
     cut: str = ""
 
 
+class Meter:
+    """Bytes and activity of one run's egress, against ``max_bytes`` and the idle timeout."""
+
+    def __init__(self, limits: EgressSpec) -> None:
+        self.limits = limits
+        self.bytes_total = 0
+        self.last_activity = 0.0
+
+    def check(self) -> None:
+        if self.bytes_total >= self.limits.max_bytes:
+            raise Denied(
+                f"this run has used its {self.limits.max_bytes} bytes of egress", fix="[egress] max_bytes = <more>"
+            )
+
+    def count(self, flow: _Flow, *, up: int = 0, down: int = 0) -> None:
+        flow.up += up
+        flow.down += down
+        self.bytes_total += up + down
+        self.last_activity = time.monotonic()
+        if self.bytes_total > self.limits.max_bytes:
+            flow.cut = f"the run's egress limit of {self.limits.max_bytes} bytes"
+            raise _Cut(flow.cut)
+
+    async def pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flow: _Flow, *, up: bool) -> None:
+        """Copy one direction until EOF, then half-close; cut when both directions are idle."""
+        idle = self.limits.idle_timeout
+        while True:
+            try:
+                chunk = await asyncio.wait_for(reader.read(CHUNK), idle)
+            except TimeoutError:
+                if time.monotonic() - self.last_activity < idle:
+                    continue  # the other direction (or another connection) is busy
+                flow.cut = f"idle for {idle:.0f}s"
+                raise _Cut(flow.cut) from None
+            if not chunk:
+                break
+            self.count(flow, up=len(chunk) if up else 0, down=0 if up else len(chunk))
+            writer.write(chunk)
+            await writer.drain()
+        if writer.can_write_eof():
+            with contextlib.suppress(OSError):
+                writer.write_eof()
+
+
+class Forwarder:
+    """Forwards one HTTP request with httpx, its body streamed from the client through h11,
+    and streams the answer back; bytes are counted by the ``Meter``."""
+
+    def __init__(self, meter: Meter, client: httpx.AsyncClient) -> None:
+        self.meter = meter
+        self.limits = meter.limits
+        self._client = client
+
+    async def forward(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        flow: _Flow,
+        *,
+        sni: str | None,
+        usage: Callable[[dict[str, int]], None] | None = None,
+    ) -> tuple[int, dict[str, int]]:
+        """Send the request (its body streamed from the client) and stream the answer back:
+        (its status, or 0 if there was none; the token usage read from it). ``usage`` hears the
+        counts before the client hears the end of the answer, so its next call meets the budget."""
+        extensions = {"sni_hostname": sni} if sni else {}
+        # As bytes: header values need not be ASCII (latin-1 round-trips what h11 received).
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        request = self._client.build_request(
+            method, url, headers=raw, content=self._body(conn, reader, writer, flow), extensions=extensions
+        )
+        for default in ("user-agent", "accept"):
+            if not any(k == default for k, _ in headers):
+                request.headers.pop(default, None)  # httpx's defaults are not the client's
+        if not any(k == "accept-encoding" for k, _ in headers):
+            request.headers["accept-encoding"] = "identity"
+        try:
+            response = await self._client.send(request, stream=True)
+        except h11.RemoteProtocolError:
+            flow.cut = "malformed request body"
+            if conn.our_state is h11.SEND_RESPONSE:
+                _refuse(conn, writer, 400, flow.cut)
+            return 0, {}
+        except (httpx.HTTPError, httpx.InvalidURL, TimeoutError, _Cut) as exc:
+            flow.cut = flow.cut or f"upstream: {type(exc).__name__}"
+            if conn.our_state is h11.SEND_RESPONSE:
+                _refuse(conn, writer, 502, "the upstream did not answer")
+            return 0, {}
+        reading = Usage(response.headers.get("content-type", "")) if usage else None
+        length = response.headers.get("content-length", "")
+        expected = int(length) if length.isdigit() else None
+        tokens: dict[str, int] | None = None
+        received = 0
+        try:
+            # As bytes: an upstream's header values need not be ASCII, and pass through untouched.
+            answer = [(k, v) for k, v in response.headers.raw if k.lower().decode("latin-1") not in HOP_HEADERS]
+            reason = response.reason_phrase.encode("latin-1", "replace")
+            writer.write(conn.send(h11.Response(status_code=response.status_code, headers=answer, reason=reason)))
+            async for chunk in response.aiter_raw(CHUNK):
+                self.meter.count(flow, down=len(chunk))
+                received += len(chunk)
+                if reading is not None:
+                    reading.feed(chunk)
+                    if expected is not None and received >= expected:
+                        tokens = _report(reading, usage)  # the client's answer is complete with this chunk
+                writer.write(conn.send(h11.Data(data=chunk)))
+                await asyncio.wait_for(writer.drain(), self.limits.idle_timeout)
+            if reading is not None and tokens is None:
+                tokens = _report(reading, usage)
+            writer.write(conn.send(h11.EndOfMessage()))
+        except (httpx.HTTPError, h11.LocalProtocolError, TimeoutError, _Cut) as exc:
+            flow.cut = flow.cut or f"upstream: {type(exc).__name__}"
+            conn.send_failed()
+            if reading is not None and tokens is None:
+                tokens = _report(reading, usage)  # what a cut answer had reported still counts
+        finally:
+            await response.aclose()
+        return response.status_code, tokens or {}
+
+    async def _body(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flow: _Flow
+    ) -> AsyncIterator[bytes]:
+        if conn.they_are_waiting_for_100_continue:  # curl waits a second for this before a large body
+            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        while True:
+            event = await asyncio.wait_for(_next(conn, reader), self.limits.idle_timeout)
+            if isinstance(event, h11.Data):
+                self.meter.count(flow, up=len(event.data))
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                return
+
+
 class Gateway:
     """The host side of one bottle's egress (see the module docstring)."""
 
@@ -221,8 +358,7 @@ class Gateway:
         self.record = record
         self.route = route
         self.budget = budget or Budget()
-        self.last_activity = 0.0
-        self.bytes_total = 0
+        self.meter = Meter(limits)
         self.connections = 0
         self.refused_at_limit = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -230,6 +366,12 @@ class Gateway:
         self._path: Path | None = None
         timeout = httpx.Timeout(limits.idle_timeout, connect=CONNECT_SECONDS, pool=CONNECT_SECONDS)
         self._client = httpx.AsyncClient(trust_env=False, timeout=timeout, follow_redirects=False, transport=transport)
+        self.forwarder = Forwarder(self.meter, self._client)
+
+    @property
+    def last_activity(self) -> float:
+        """When bytes last moved, or a connection came (the watchdog counts it as activity)."""
+        return self.meter.last_activity
 
     @classmethod
     def for_agent(
@@ -290,7 +432,7 @@ class Gateway:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        self.last_activity = time.monotonic()
+        self.meter.last_activity = time.monotonic()
         try:
             if self.connections >= self.limits.max_connections:
                 self._at_limit(writer)
@@ -389,14 +531,8 @@ class Gateway:
         if literal is not None:
             await self.guard.address(host, literal, port)
         self.policy.check(host, port)
-        self._check_bytes()
+        self.meter.check()
         return await self.guard.address(host, literal, port)
-
-    def _check_bytes(self) -> None:
-        if self.bytes_total >= self.limits.max_bytes:
-            raise Denied(
-                f"this run has used its {self.limits.max_bytes} bytes of egress", fix="[egress] max_bytes = <more>"
-            )
 
     # -- CONNECT: a blind tunnel ---------------------------------------------------------
 
@@ -430,45 +566,16 @@ class Gateway:
         leftover = conn.trailing_data[0]
         try:
             if leftover:
-                self._count(flow, up=len(leftover))
+                self.meter.count(flow, up=len(leftover))
                 up_writer.write(leftover)
             await asyncio.gather(
-                self._pump(reader, up_writer, flow, up=True), self._pump(up_reader, writer, flow, up=False)
+                self.meter.pump(reader, up_writer, flow, up=True), self.meter.pump(up_reader, writer, flow, up=False)
             )
         except (ConnectionError, _Cut) as exc:
             flow.cut = flow.cut or (str(exc) if isinstance(exc, _Cut) else "connection reset")
         finally:
             up_writer.close()
             self._record_flow("egress", target, address, "CONNECT", flow, started)
-
-    def _count(self, flow: _Flow, *, up: int = 0, down: int = 0) -> None:
-        flow.up += up
-        flow.down += down
-        self.bytes_total += up + down
-        self.last_activity = time.monotonic()
-        if self.bytes_total > self.limits.max_bytes:
-            flow.cut = f"the run's egress limit of {self.limits.max_bytes} bytes"
-            raise _Cut(flow.cut)
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flow: _Flow, *, up: bool) -> None:
-        """Copy one direction until EOF, then half-close; cut when both directions are idle."""
-        idle = self.limits.idle_timeout
-        while True:
-            try:
-                chunk = await asyncio.wait_for(reader.read(CHUNK), idle)
-            except TimeoutError:
-                if time.monotonic() - self.last_activity < idle:
-                    continue  # the other direction (or another connection) is busy
-                flow.cut = f"idle for {idle:.0f}s"
-                raise _Cut(flow.cut) from None
-            if not chunk:
-                break
-            self._count(flow, up=len(chunk) if up else 0, down=0 if up else len(chunk))
-            writer.write(chunk)
-            await writer.drain()
-        if writer.can_write_eof():
-            with contextlib.suppress(OSError):
-                writer.write_eof()
 
     def _record_flow(
         self, op: str, target: str, address: str, method: str, flow: _Flow, started: float, *, status: int = 0
@@ -523,7 +630,7 @@ class Gateway:
         headers.append(("host", target if port != 80 else host))
         flow = _Flow()
         url = f"http://{ip}:{port}{path}"
-        status, _ = await self._forward(conn, reader, writer, method, url, headers, flow, sni=None)
+        status, _ = await self.forwarder.forward(conn, reader, writer, method, url, headers, flow, sni=None)
         self._record_flow("egress", target, address, method, flow, started, status=status)
 
     async def _model(
@@ -552,7 +659,7 @@ class Gateway:
             return
         try:
             self.policy.check_method(method)
-            self._check_bytes()
+            self.meter.check()
             address = await self.guard.address(upstream.host, None, port)
         except Denied as denied:
             self._deny(conn, writer, "model", target, denied)
@@ -565,7 +672,7 @@ class Gateway:
         headers += [("host", upstream.netloc.decode("ascii")), ("accept-encoding", "identity"), *route.auth_headers()]
         flow = _Flow()
         sni = upstream.host if upstream.scheme == "https" else None
-        status, tokens = await self._forward(
+        status, tokens = await self.forwarder.forward(
             conn, reader, writer, method, url, headers, flow, sni=sni, usage=lambda t: self.budget.add(used_tokens(t))
         )
         seconds = time.monotonic() - started
@@ -604,89 +711,6 @@ class Gateway:
         data = {"host": target.rpartition(":")[0], "model": route.name, "budget": spent, "limit": limit, "used": used}
         self.record(EgressEvent("model", target, "denied", f"refused a call to {route.name}: {message}", 0.0, data))
         log.warning("%s: %s", self.slug, message, extra={"slug": self.slug})
-
-    async def _forward(
-        self,
-        conn: h11.Connection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        method: str,
-        url: str,
-        headers: list[tuple[str, str]],
-        flow: _Flow,
-        *,
-        sni: str | None,
-        usage: Callable[[dict[str, int]], None] | None = None,
-    ) -> tuple[int, dict[str, int]]:
-        """Send the request (its body streamed from the client) and stream the answer back:
-        (its status, or 0 if there was none; the token usage read from it). ``usage`` hears the
-        counts before the client hears the end of the answer, so its next call meets the budget."""
-        extensions = {"sni_hostname": sni} if sni else {}
-        # As bytes: header values need not be ASCII (latin-1 round-trips what h11 received).
-        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-        request = self._client.build_request(
-            method, url, headers=raw, content=self._body(conn, reader, writer, flow), extensions=extensions
-        )
-        for default in ("user-agent", "accept"):
-            if not any(k == default for k, _ in headers):
-                request.headers.pop(default, None)  # httpx's defaults are not the client's
-        if not any(k == "accept-encoding" for k, _ in headers):
-            request.headers["accept-encoding"] = "identity"
-        try:
-            response = await self._client.send(request, stream=True)
-        except h11.RemoteProtocolError:
-            flow.cut = "malformed request body"
-            if conn.our_state is h11.SEND_RESPONSE:
-                _refuse(conn, writer, 400, flow.cut)
-            return 0, {}
-        except (httpx.HTTPError, httpx.InvalidURL, TimeoutError, _Cut) as exc:
-            flow.cut = flow.cut or f"upstream: {type(exc).__name__}"
-            if conn.our_state is h11.SEND_RESPONSE:
-                _refuse(conn, writer, 502, "the upstream did not answer")
-            return 0, {}
-        reading = Usage(response.headers.get("content-type", "")) if usage else None
-        length = response.headers.get("content-length", "")
-        expected = int(length) if length.isdigit() else None
-        tokens: dict[str, int] | None = None
-        received = 0
-        try:
-            # As bytes: an upstream's header values need not be ASCII, and pass through untouched.
-            answer = [(k, v) for k, v in response.headers.raw if k.lower().decode("latin-1") not in HOP_HEADERS]
-            reason = response.reason_phrase.encode("latin-1", "replace")
-            writer.write(conn.send(h11.Response(status_code=response.status_code, headers=answer, reason=reason)))
-            async for chunk in response.aiter_raw(CHUNK):
-                self._count(flow, down=len(chunk))
-                received += len(chunk)
-                if reading is not None:
-                    reading.feed(chunk)
-                    if expected is not None and received >= expected:
-                        tokens = _report(reading, usage)  # the client's answer is complete with this chunk
-                writer.write(conn.send(h11.Data(data=chunk)))
-                await asyncio.wait_for(writer.drain(), self.limits.idle_timeout)
-            if reading is not None and tokens is None:
-                tokens = _report(reading, usage)
-            writer.write(conn.send(h11.EndOfMessage()))
-        except (httpx.HTTPError, h11.LocalProtocolError, TimeoutError, _Cut) as exc:
-            flow.cut = flow.cut or f"upstream: {type(exc).__name__}"
-            conn.send_failed()
-            if reading is not None and tokens is None:
-                tokens = _report(reading, usage)  # what a cut answer had reported still counts
-        finally:
-            await response.aclose()
-        return response.status_code, tokens or {}
-
-    async def _body(
-        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flow: _Flow
-    ) -> AsyncIterator[bytes]:
-        if conn.they_are_waiting_for_100_continue:  # curl waits a second for this before a large body
-            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-        while True:
-            event = await asyncio.wait_for(_next(conn, reader), self.limits.idle_timeout)
-            if isinstance(event, h11.Data):
-                self._count(flow, up=len(event.data))
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                return
 
 
 def _report(reading: Usage, usage: Callable[[dict[str, int]], None] | None) -> dict[str, int]:
