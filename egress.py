@@ -477,10 +477,10 @@ class Gateway:
             except TimeoutError:
                 if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
                     return  # an idle kept-alive connection, or one that never spoke
-                _refuse(conn, writer, 408, "the request head did not arrive in time")
+                self._deny(conn, writer, "egress", "-", Denied("the request head did not arrive in time", status=408))
                 return
             except h11.RemoteProtocolError:
-                _refuse(conn, writer, 400, "malformed HTTP request")
+                self._deny(conn, writer, "egress", "-", Denied("malformed HTTP request", status=400))
                 return
             if not isinstance(event, h11.Request):
                 return
@@ -488,7 +488,7 @@ class Gateway:
                 target = event.target.decode("utf-8")
                 method = event.method.decode("ascii").upper()
             except UnicodeDecodeError:
-                _refuse(conn, writer, 400, "the request target is not UTF-8")
+                self._deny(conn, writer, "egress", "-", Denied("the request target is not UTF-8", status=400))
                 return
             if method == "CONNECT":
                 await self._connect(conn, reader, writer, target)
@@ -498,7 +498,13 @@ class Gateway:
             elif target[:7].lower() == "http://":
                 await self._plain(conn, reader, writer, event, method, target)
             else:
-                _refuse(conn, writer, 400, "not a proxy request: use CONNECT host:port, http://host/..., or /models/")
+                self._deny(
+                    conn,
+                    writer,
+                    "egress",
+                    "-",
+                    Denied("not a proxy request: use CONNECT host:port, http://host/..., or /models/", status=400),
+                )
                 return
             await writer.drain()
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -513,7 +519,8 @@ class Gateway:
         data: dict[str, Any] = {"host": host, "port": int(port) if port.isdigit() else 0, "reason": str(denied)}
         if denied.fix:
             data["fix"] = denied.fix
-        self.record(EgressEvent(op, target, outcome, f"refused {target}: {denied}", 0.0, data))
+        what = "a request" if target == "-" else target
+        self.record(EgressEvent(op, target, outcome, f"refused {what}: {denied}", 0.0, data))
         if outcome == "denied":
             log.warning(
                 "%s: egress refused %s: %s%s",

@@ -909,3 +909,23 @@ def test_max_bytes_cuts_the_run_and_idle_tunnels_are_closed(
     idle = gateway2.records(1)[0]
     assert idle.data["cut"] == "idle for 1s" and time.monotonic() - started < 15
     figures("egress_limits", cut_at=cut.data["bytes_down"], idle_cut_s=round(time.monotonic() - started, 1))
+
+
+def test_every_spelling_of_a_name_meets_the_same_entries(
+    gateway_factory: Callable[..., tuple[GatewayThread, Relay]], plain_upstream: Upstream
+) -> None:
+    port = plain_upstream.port
+    # What config.py makes of allow = ["bücher.test"]: the entry in IDNA form.
+    limits = EgressSpec(resolve=(("xn--bcher-kva.test", "127.0.0.1"), ("evil.test", "127.0.0.1")))
+    gateway, relay = gateway_factory(
+        allow=[f"xn--bcher-kva.test:{port}", f"evil.test:{port}"], block=["evil.test"], limits=limits
+    )
+    answers = {}
+    for host in ("bücher.test", "BÜCHER.test.", "xn--bcher-kva.test", "XN--BCHER-KVA.TEST.", "EVIL.test.", "evil.TEST"):
+        head = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        answers[host] = raw_exchange(relay.port, head, first=True)[:12].decode()
+    # Raw UTF-8 is not HTTP (clients send the IDNA form); the IDNA form in any case is the name.
+    assert [answers[h] for h in answers] == ["HTTP/1.1 400"] * 2 + ["HTTP/1.1 200"] * 2 + ["HTTP/1.1 403"] * 2
+    targets = {e.target for e in gateway.records(6)}
+    assert targets == {f"xn--bcher-kva.test:{port}", f"evil.test:{port}", "-"}  # "-": the malformed ones
+    figures("egress_name_spellings", answers=answers)
