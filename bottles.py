@@ -71,6 +71,10 @@ IN_FORGE_DIR = "/run/forge"
 IN_TOOLS = "/opt/forgebottle/bin"
 IN_HOME = "/home/agent"
 IN_OUTBOX = "/run/outbox"
+IN_EGRESS_SOCKET = f"{IN_FORGE_DIR}/egress.sock"
+GATEWAY_LISTEN = "127.0.0.1:3128"
+GATEWAY_URL = f"http://{GATEWAY_LISTEN}"
+MODEL_PLACEHOLDER = "forgebottle-gateway"  # the only model key a bottle ever sees
 
 
 class BottleError(ForgeBottleError):
@@ -157,6 +161,10 @@ class BottlePaths:
         return self.sidecar_dir / "mcp.json"
 
     @property
+    def egress_socket(self) -> Path:
+        return self.sidecar_dir / "egress.sock"
+
+    @property
     def tools(self) -> Path:
         return self.state_dir / "tools"
 
@@ -187,6 +195,7 @@ class BottleContext:
     git_user: str
     token: Secret
     bwrap: str | None
+    model_api: Literal["anthropic", "openai"] | None = None  # the api of the agent's model route
 
     @property
     def branch(self) -> str:
@@ -217,6 +226,20 @@ class BottleContext:
         }
         return {"mcpServers": {"forge": server}}
 
+    def gateway_env(self) -> dict[str, str]:
+        """What points an agent with ``network = "gateway"`` at it (DESIGN.md §10)."""
+        if self.agent.network != "gateway":
+            return {}
+        env = {name: GATEWAY_URL for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")}
+        # Model routes are reached directly at the gateway, not through it as a proxy.
+        env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", FORGE_EGRESS_PROXY=GATEWAY_URL)
+        route = f"{GATEWAY_URL}/models/{self.agent.model}"
+        if self.model_api == "anthropic":
+            env.update(ANTHROPIC_BASE_URL=route, ANTHROPIC_API_KEY=MODEL_PLACEHOLDER)
+        elif self.model_api == "openai":
+            env.update(OPENAI_BASE_URL=f"{route}/v1", OPENAI_API_KEY=MODEL_PLACEHOLDER)
+        return env
+
 
 @dataclasses.dataclass(frozen=True)
 class PushResult:
@@ -232,7 +255,7 @@ class PushResult:
 def bwrap_argv(
     bwrap: str,
     *,
-    network: Literal["none", "host"],
+    network: Literal["none", "gateway", "host"],
     binds: Sequence[tuple[str, str, str]],
     ro_binds: Sequence[str] = (),
     chdir: str = IN_WORKSPACE,
@@ -240,6 +263,8 @@ def bwrap_argv(
     """The bwrap command line: a tmpfs root, read-only system dirs, then ``binds``.
 
     ``binds`` are (option, host path, sandbox path), e.g. ("--bind", workspace, "/workspace").
+    With ``"gateway"`` the sandbox keeps its own network namespace, as with ``"none"``: only
+    loopback, where ``forge relay`` listens for the gateway.
     """
     argv = [bwrap, "--unshare-all"]
     if network == "host":
@@ -767,6 +792,7 @@ class LocalBackend(Backend):
             "HOME": IN_HOME if inside else str(ctx.paths.home),
             "LANG": "C.UTF-8",
             **ctx.forge_env(inside=inside),
+            **ctx.gateway_env(),
         }
         env.update({key: value.reveal() for key, value in ctx.agent.env})
         if env["PATH"] != path:  # the agent's own PATH goes first; the forge tool stays on it (§6)
@@ -776,6 +802,12 @@ class LocalBackend(Backend):
     async def start(self, ctx: BottleContext, *, prompt: str, run: int, resume: bool) -> RunHandle:
         argv = self.agent_argv(ctx, prompt=prompt, resume=resume)
         env = self.agent_env(ctx)
+        if ctx.agent.network == "gateway":
+            if not ctx.sandboxed:
+                raise BottleError('network = "gateway" needs the bwrap sandbox (its own network namespace)')
+            # The relay binds 127.0.0.1:3128 inside the bottle, then execs the agent.
+            relay = [f"{IN_TOOLS}/forge", "relay", "--listen", GATEWAY_LISTEN, "--socket", IN_EGRESS_SOCKET, "--"]
+            argv = [*relay, *argv]
         if not ctx.sandboxed:
             return await spawn(argv, env=env, cwd=ctx.paths.workspace, log=ctx.paths.run_log(run))
         if ctx.bwrap is None:
@@ -819,6 +851,8 @@ class CommandBackend(Backend):
             "FORGE_AGENT": ctx.agent.name,
             **ctx.forge_env(inside=False),
         }
+        if ctx.agent.network == "gateway":
+            env["FORGE_EGRESS_SOCKET"] = str(ctx.paths.egress_socket)
         env.update({key: value.reveal() for key, value in ctx.agent.env})
         return env
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hmac
+import ipaddress
 import os
 import re
 import tomllib
@@ -86,10 +87,14 @@ class AgentSpec:
     name: str
     command: tuple[str, ...]
     resume_command: tuple[str, ...]
-    network: Literal["none", "host"] = "none"
+    network: Literal["none", "gateway", "host"] = "none"
     env: tuple[tuple[str, Secret], ...] = ()
     timeout: float | None = None
     ro_binds: tuple[str, ...] = ()
+    model: str | None = None  # a [models.<name>] route, reached through the gateway
+    egress: tuple[str, ...] = ()  # added to [egress].allow for this agent
+    budget_tokens: int | None = None  # per run
+    issue_budget_tokens: int | None = None  # over all runs of one bottle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +117,63 @@ SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 def valid_slug(slug: str) -> bool:
     """A bottle's name: also a directory name under the state dir, so never a path."""
     return bool(SLUG_RE.fullmatch(slug)) and ".." not in slug
+
+
+# The hosts each ``ecosystem:<name>`` egress entry opens: entries as in ``[egress].allow``
+# (``*.suffix`` matches subdomains only; no port means 443).
+EGRESS_PRESETS: Mapping[str, tuple[str, ...]] = {
+    "python": ("pypi.org", "files.pythonhosted.org", "pypi.python.org"),
+    "node": ("registry.npmjs.org", "registry.yarnpkg.com", "nodejs.org"),
+    "debian": (
+        "deb.debian.org",
+        "deb.debian.org:80",
+        "security.debian.org",
+        "security.debian.org:80",
+        "ftp.debian.org",
+        "ftp.debian.org:80",
+    ),
+    "rust": ("crates.io", "index.crates.io", "static.crates.io", "static.rust-lang.org", "sh.rustup.rs"),
+    "go": ("proxy.golang.org", "sum.golang.org", "index.golang.org", "go.dev", "dl.google.com"),
+    "github": (
+        "github.com",
+        "*.github.com",
+        "*.githubusercontent.com",
+        "codeload.github.com",
+        "ghcr.io",
+        "pkg-containers.githubusercontent.com",
+    ),
+    "anthropic": ("api.anthropic.com",),
+    "openai": ("api.openai.com",),
+    "google": ("generativelanguage.googleapis.com", "aiplatform.googleapis.com", "oauth2.googleapis.com"),
+}
+_EGRESS_ENTRY = re.compile(r"^(\*\.)?[a-z0-9_](?:[a-z0-9_.-]{0,252})(?::(\d{1,5}))?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class EgressSpec:
+    """``[egress]``: what bottles with ``network = "gateway"`` may reach (DESIGN.md §10)."""
+
+    allow: tuple[str, ...] = ()
+    block: tuple[str, ...] = ()
+    read_only: bool = False
+    resolve: tuple[tuple[str, str], ...] = ()  # (name, address): the only way to a non-public address
+    max_connections: int = 64  # open at once, per bottle
+    max_bytes: int = 4 * 1024**3  # up and down, per run
+    idle_timeout: float = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """``[models.<name>]``: a model API the gateway forwards to with the real credential.
+
+    The credential is read lazily (``Config.load(require_forge=False)`` leaves it None), so
+    read-only commands never need the key to be readable."""
+
+    name: str
+    api: Literal["anthropic", "openai"]
+    upstream: str
+    credential_source: str
+    credential: Secret | None = None
 
 
 # What of the host a bottle sees, read-only. Never "/": that would show the token file and
@@ -180,14 +242,27 @@ ENV_API_TOKEN = "FORGEBOTTLE_API_TOKEN"
 ENV_API_TOKEN_FILE = "FORGEBOTTLE_API_TOKEN_FILE"
 ENV_CONFIG = "FORGEBOTTLE_CONFIG"
 
-_TOP_KEYS = {"forge", "watchdog", "server", "sidecar", "agents", "bottles"}
+_TOP_KEYS = {"forge", "watchdog", "server", "sidecar", "agents", "bottles", "egress", "models"}
 _SECTION_KEYS = {
     "forge": {"api_url", "token_file", "webhook_secret_file", "org", "timeout"},
     "watchdog": {"timeout", "interval"},
     "server": {"state_dir", "listen", "api_token_file", "max_running", "event_retries", "public_url"},
     "sidecar": {"writes_per_hour", "done_grace"},
+    "egress": {"allow", "block", "read_only", "resolve", "max_connections", "max_bytes", "idle_timeout"},
 }
-_AGENT_KEYS = {"command", "resume_command", "network", "env", "timeout", "ro_binds"}
+_AGENT_KEYS = {
+    "command",
+    "resume_command",
+    "network",
+    "env",
+    "timeout",
+    "ro_binds",
+    "model",
+    "egress",
+    "budget_tokens",
+    "issue_budget_tokens",
+}
+_MODEL_KEYS = {"api", "upstream", "credential"}
 _BOTTLE_KEYS = {"backend", "sandbox", "start", "resume", "stop", "destroy"}
 
 
@@ -207,6 +282,21 @@ def parse_duration(value: Any, key: str) -> float:
     if not match or float(match.group(1)) <= 0:
         raise ConfigError(f"{key}: {value!r} is not a duration (use 90s, 30m, 2h or seconds)")
     return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE_UNITS.update({"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40})
+
+
+def parse_size(value: Any, key: str) -> int:
+    """``4GiB``, ``500MB`` or plain bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if not match or int(match.group(1)) <= 0:
+        raise ConfigError(f"{key}: {value!r} is not a size (use 4GiB, 500MB or bytes)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +321,8 @@ class Config:
     event_retries: int = 5
     secret_files: tuple[Path, ...] = ()
     public_url: str = ""
+    egress: EgressSpec = EgressSpec()
+    models: Mapping[str, ModelSpec] = dataclasses.field(default_factory=dict)
 
     @property
     def db_path(self) -> Path:
@@ -244,6 +336,7 @@ class Config:
         """Every secret value forgebottle holds, for redaction and the push scan."""
         out = [self.token.reveal()]
         out += [s.reveal() for s in (self.webhook_secret, self.api_token) if s]
+        out += [m.credential.reveal() for m in self.models.values() if m.credential]
         return [s for s in out if s]
 
     def bottle(self, names: Sequence[str]) -> BottleSpec:
@@ -305,6 +398,11 @@ class Config:
         if public_url and not re.match(r"^https?://[^/\s]+", public_url):
             raise ConfigError(f"server.public_url: {public_url!r} is not an http(s) URL")
         agents = {name: _agent(name, spec, environ) for name, spec in toml.get("agents", {}).items()}
+        models = {
+            name: _model(name, spec, environ, load_credential=require_forge)
+            for name, spec in _table(toml.get("models", {}), "models").items()
+        }
+        _check_routes(agents, models)
         bottles = {"local": BottleSpec()}
         bottles.update({name: _bottle(name, spec) for name, spec in toml.get("bottles", {}).items()})
         config = cls(
@@ -333,7 +431,15 @@ class Config:
                     environ.get(ENV_API_TOKEN_FILE) or server.get("api_token_file"),
                 )
                 if f
+            )
+            # A model's key file must stay out of every bottle as the token's does.
+            + tuple(
+                Path(m.credential_source[5:]).expanduser()
+                for m in models.values()
+                if m.credential_source[:5] == "file:"
             ),
+            egress=_egress(toml.get("egress", {})),
+            models=models,
         )
         config.check_secrets_stay_out()
         return config
@@ -344,7 +450,7 @@ class Config:
         An agent with ``network = "host"`` is a loopback client like any other: with such an
         agent configured, loopback proves nothing, so the read API needs its bearer token or a
         Unix socket (whose mode keeps bottles out)."""
-        host = sorted(a.name for a in self.agents.values() if a.network == "host")
+        host = sorted(a.name for a in self.agents.values() if a.network == "host")  # not "gateway": its own netns
         if host and self.api_token is None and not self.listen.startswith("unix:"):
             return (
                 f'agents {", ".join(host)} have network = "host" and so could read the read API as a '
@@ -431,8 +537,8 @@ def _agent(name: str, spec: Any, environ: Mapping[str, str]) -> AgentSpec:
     command = _argv(spec.get("command"), f"{key}.command", required=True)
     resume = _argv(spec.get("resume_command"), f"{key}.resume_command", required=False) or command
     network = spec.get("network", "none")
-    if network not in ("none", "host"):
-        raise ConfigError(f'{key}.network: {network!r} must be "none" or "host"')
+    if network not in ("none", "gateway", "host"):
+        raise ConfigError(f'{key}.network: {network!r} must be "none", "gateway" or "host"')
     env_spec = spec.get("env", {})
     if not isinstance(env_spec, dict):
         raise ConfigError(f"{key}.env: must be a table")
@@ -456,7 +562,120 @@ def _agent(name: str, spec: Any, environ: Mapping[str, str]) -> AgentSpec:
     ro_binds = spec.get("ro_binds", [])
     if not isinstance(ro_binds, list) or not all(isinstance(p, str) and p.startswith("/") for p in ro_binds):
         raise ConfigError(f"{key}.ro_binds: must be a list of absolute paths")
-    return AgentSpec(name, command, resume, network, tuple(env), timeout, tuple(ro_binds))
+    model = spec.get("model")
+    if model is not None and (not isinstance(model, str) or network != "gateway"):
+        raise ConfigError(f'{key}.model: must name a [models.<name>] route, with network = "gateway"')
+    budgets = {k: _positive_int(spec[k], f"{key}.{k}") if k in spec else None for k in _BUDGETS}
+    return AgentSpec(
+        name,
+        command,
+        resume,
+        network,
+        tuple(env),
+        timeout,
+        tuple(ro_binds),
+        model=model,
+        egress=_egress_entries(spec.get("egress", []), f"{key}.egress"),
+        **budgets,
+    )
+
+
+_BUDGETS = ("budget_tokens", "issue_budget_tokens")
+
+
+def _table(value: Any, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: must be a table")
+    return value
+
+
+def _egress_entries(value: Any, key: str) -> tuple[str, ...]:
+    """Entries are ``host``, ``*.suffix``, ``host:port`` or ``ecosystem:<name>``, kept lower case
+    and in IDNA form, as the gateway compares them."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}: must be a list of strings")
+    entries = []
+    for raw in value:
+        if raw.startswith("ecosystem:"):
+            if raw[10:] not in EGRESS_PRESETS:
+                raise ConfigError(f"{key}: {raw!r}: no such ecosystem (one of {', '.join(EGRESS_PRESETS)})")
+            entries.append(raw)
+            continue
+        try:
+            entry = raw.strip().rstrip(".").lower().encode("idna").decode("ascii")
+        except UnicodeError:
+            entry = ""
+        match = _EGRESS_ENTRY.match(entry)
+        if not match or (match.group(2) and not 0 < int(match.group(2)) < 65536):
+            raise ConfigError(f"{key}: {raw!r} is not host, *.suffix, host:port or ecosystem:<name>")
+        entries.append(entry)
+    return tuple(entries)
+
+
+def _egress(spec: Any) -> EgressSpec:
+    read_only = spec.get("read_only", False)
+    if not isinstance(read_only, bool):
+        raise ConfigError("egress.read_only: must be true or false")
+    resolve = _table(spec.get("resolve", {}), "egress.resolve")
+    pairs = []
+    for name, address in resolve.items():
+        try:
+            ipaddress.ip_address(address)
+        except (TypeError, ValueError):
+            raise ConfigError(f"egress.resolve.{name}: {address!r} is not an IP address") from None
+        pairs.append((_egress_entries([name], f"egress.resolve.{name}")[0], str(address)))
+    return EgressSpec(
+        allow=_egress_entries(spec.get("allow", []), "egress.allow"),
+        block=_egress_entries(spec.get("block", []), "egress.block"),
+        read_only=read_only,
+        resolve=tuple(pairs),
+        max_connections=_positive_int(spec.get("max_connections", 64), "egress.max_connections"),
+        max_bytes=parse_size(spec.get("max_bytes", "4GiB"), "egress.max_bytes"),
+        idle_timeout=parse_duration(spec.get("idle_timeout", "5m"), "egress.idle_timeout"),
+    )
+
+
+def _model(name: str, spec: Any, environ: Mapping[str, str], *, load_credential: bool) -> ModelSpec:
+    key = f"models.{name}"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        raise ConfigError(f"{key}: model names are letters, digits, '.', '_' and '-'")
+    bad = sorted(set(_table(spec, key)) - _MODEL_KEYS)
+    if bad:
+        raise ConfigError(f"{key}.{bad[0]}: unknown key")
+    api = spec.get("api")
+    if api not in ("anthropic", "openai"):
+        raise ConfigError(f'{key}.api: {api!r} must be "anthropic" or "openai"')
+    upstream = spec.get("upstream")
+    if not isinstance(upstream, str) or not re.match(r"^https?://[^/\s]+", upstream):
+        raise ConfigError(f"{key}.upstream: {upstream!r} is not an http(s) URL")
+    source = spec.get("credential")
+    if not isinstance(source, str) or not source.startswith(("file:", "env:")):
+        raise ConfigError(f"{key}.credential: must be file:/path or env:NAME (never the key itself)")
+    model = ModelSpec(name, api, upstream.rstrip("/"), source)
+    return dataclasses.replace(model, credential=model_credential(model, environ)) if load_credential else model
+
+
+def model_credential(model: ModelSpec, environ: Mapping[str, str]) -> Secret:
+    """Read a model's key from its ``file:`` or ``env:`` source."""
+    key, source = f"models.{model.name}.credential", model.credential_source
+    if source.startswith("env:"):
+        value = environ.get(source[4:], "").strip()
+        if not value:
+            raise ConfigError(f"{key}: {source[4:]} is not set in forgebottle's environment")
+        return Secret(value)
+    try:
+        value = Path(source[5:]).expanduser().read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {source[5:]}: {exc.strerror}") from None
+    if not value:
+        raise ConfigError(f"{key}: {source[5:]} is empty")
+    return Secret(value)
+
+
+def _check_routes(agents: Mapping[str, AgentSpec], models: Mapping[str, ModelSpec]) -> None:
+    for agent in agents.values():
+        if agent.model is not None and agent.model not in models:
+            raise ConfigError(f"agents.{agent.name}.model: {agent.model!r} is not a configured [models.<name>]")
 
 
 def _bottle(name: str, spec: Any) -> BottleSpec:

@@ -13,6 +13,7 @@ Prints the result as JSON on stdout; on error prints one line on stderr and exit
   forge progress [TEXT|-]     forge checks [REF]       forge job-log ID [--tail N]
   forge refresh
   forge mcp                   the same calls as MCP tools, on stdin/stdout (DESIGN.md §11)
+  forge relay --listen 127.0.0.1:3128 --socket /run/forge/egress.sock -- AGENT ARGV...
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio  # imported where the relay runs: every other forge command starts without it
 
 DEFAULT_SOCKET = "/run/forge/forge.sock"
 _ids = itertools.count(1)
@@ -405,9 +409,92 @@ def serve_mcp(stdin: IO[bytes], stdout: IO[bytes], socket_path: str | None = Non
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+# -- forge relay: the bottle's end of the egress gateway ------------------------------------
+
+
+def relay(argv: list[str]) -> int:
+    """Bind ``--listen``, then fork: this process becomes the agent (exec, so its exit code is
+    the run's), the child relays each TCP connection to the gateway's Unix socket. The relay
+    enforces nothing: the host side decides everything."""
+    parser = argparse.ArgumentParser(prog="forge relay", description="Relay TCP to the egress gateway.")
+    parser.add_argument("--listen", required=True, help="host:port to listen on, e.g. 127.0.0.1:3128")
+    parser.add_argument("--socket", required=True, help="the gateway's Unix socket")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the agent's argv")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    host, _, port = args.listen.rpartition(":")
+    if not command or not port.isdigit():
+        parser.error("give --listen HOST:PORT and, after --, the command to run")
+    # Bound before the agent starts: its first request finds the listener there.
     try:
-        result = run(sys.argv[1:] if argv is None else argv)
+        listener = socket.create_server((host.strip("[]") or "127.0.0.1", int(port)), backlog=1024)
+    except OSError as exc:
+        print(f"forge relay: cannot listen on {args.listen}: {exc.strerror}", file=sys.stderr)
+        return 1
+    parent = os.getpid()
+    if os.fork() == 0:
+        import asyncio
+
+        code = 0
+        try:
+            asyncio.run(_relay(listener, args.socket, parent))
+        except BaseException:  # the relay's child must never return into the agent's code
+            code = 1
+        os._exit(code)
+    listener.close()
+    try:
+        os.execvp(command[0], command)  # noqa: S606 - an argv, never a shell
+    except OSError as exc:
+        print(f"forge relay: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
+    return 127
+
+
+async def _relay(listener: socket.socket, path: str, parent: int) -> None:
+    import asyncio
+
+    running: set[asyncio.Task[None] | None] = set()  # held, so a waiting handler is never collected
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        running.add(task)
+        try:
+            up_reader, up_writer = await asyncio.open_unix_connection(path)
+        except OSError:
+            writer.write(b"HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\nContent-Length: 28\r\n\r\n")
+            writer.write(b"the gateway is unreachable\r\n")
+            writer.close()
+            running.discard(task)
+            return
+        await asyncio.gather(_copy(reader, up_writer), _copy(up_reader, writer), return_exceptions=True)
+        writer.close()
+        up_writer.close()
+        running.discard(task)
+
+    server = await asyncio.start_server(handle, sock=listener, limit=65536, backlog=1024)
+    async with server:
+        # Outside a sandbox nothing kills the relay with the agent: it leaves when orphaned.
+        while os.getppid() == parent:
+            await asyncio.sleep(1.0)
+
+
+async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One direction until EOF, then half-close, so the other direction can still finish."""
+    try:
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except OSError:
+        writer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["relay"]:
+        return relay(args[1:])
+    try:
+        result = run(args)
     except SidecarError as exc:
         print(f"forge: {exc} (code {exc.code})", file=sys.stderr)
         return 1

@@ -358,16 +358,18 @@ def _open_store(config: Config) -> Store:
 @edge
 def orchestrate_status(config_file: str | None, as_json: bool, show_all: bool) -> None:
     """Live bottles, straight from SQLite (works with the server down)."""
-    states = _open_store(_load(config_file)).all(live_only=not show_all)
+    store = _open_store(_load(config_file))
+    states = store.all(live_only=not show_all)
     if as_json:
-        from provenance import bottle_view
+        from provenance import bottle_views
 
-        click.echo(json.dumps([bottle_view(s) for s in states], indent=2))
+        click.echo(json.dumps(bottle_views(store, states), indent=2))
         return
     if not states:
         click.echo("no live bottles")
         return
-    rows = [("SLUG", "STATE", "AGENT", "AGE", "CHECK-IN", "ISSUE", "PR")]
+    denied = store.egress_denials()
+    rows = [("SLUG", "STATE", "AGENT", "AGE", "CHECK-IN", "ISSUE", "PR", "DENIED")]
     for s in states:
         rows.append(
             (
@@ -378,6 +380,7 @@ def orchestrate_status(config_file: str | None, as_json: bool, show_all: bool) -
                 _age(s.last_checkin_at),
                 s.issue_url or f"{s.owner}/{s.repo}#{s.issue_number}",
                 s.pr_url or "-",
+                str(denied.get(s.slug, 0)),  # refused egress
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]

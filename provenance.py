@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from statemachine import branch_for
-from store import ForgeState, Store, verify_chain
+from store import ForgeState, Operation, Store, verify_chain
+
+MAX_DENIED_LISTED = 100  # per run; the count of denials is always whole
 
 
 def bottle_view(state: ForgeState) -> dict[str, Any]:
@@ -17,11 +19,12 @@ def bottle_view(state: ForgeState) -> dict[str, Any]:
     return data
 
 
-def run_view(run: Mapping[str, Any]) -> dict[str, Any]:
-    """One run of the record (DESIGN.md §8) from its row in the store."""
+def run_view(run: Mapping[str, Any], ops: Sequence[Operation] = ()) -> dict[str, Any]:
+    """One run of the record (DESIGN.md §8) from its row in the store and its operations."""
     signalled = None
     if run["signalled_status"]:
         signalled = {"status": run["signalled_status"], "summary": run["signalled_summary"] or ""}
+    usage = usage_summary(ops)
     return {
         "n": run["n"],
         "trigger": run["trigger"],
@@ -32,18 +35,77 @@ def run_view(run: Mapping[str, Any]) -> dict[str, Any]:
         "signalled": signalled,
         "watchdog_fired": bool(run["watchdog_fired"]),
         "secret_scan": {"tool": "detect-secrets", "findings": int(run["secret_findings"])},
-        "egress": {"network": run["network"]},
+        "egress": egress_summary(run["network"], ops),
+        "usage": usage,
+        "budget": budget_summary(run["budget_tokens"], ops, usage),
         "sandbox": run["sandbox"],
         **({"error": run["error"]} if run["error"] else {}),
     }
+
+
+def bottle_views(store: Store, states: Iterable[ForgeState]) -> list[dict[str, Any]]:
+    """``bottle_view`` of each, with its count of refused egress (``/api/bottles``, status)."""
+    denied = store.egress_denials()
+    return [{**bottle_view(s), "egress_denied": denied.get(s.slug, 0)} for s in states]
+
+
+def egress_summary(network: str, ops: Sequence[Operation]) -> dict[str, Any]:
+    """A run's ``egress`` (DESIGN.md §8): sums over its chained egress and model operations."""
+    hosts: dict[tuple[str, int], dict[str, Any]] = {}
+    denied: list[dict[str, Any]] = []
+    count = 0
+    for op in ops:
+        if op.op not in ("egress", "model") or op.data is None:
+            continue
+        host, port = str(op.data.get("host", "")), int(op.data.get("port", 0) or 0)
+        entry = hosts.setdefault(
+            (host, port), {"host": host, "port": port, "connections": 0, "bytes_up": 0, "bytes_down": 0, "denied": 0}
+        )
+        if op.outcome == "denied":
+            entry["denied"] += 1
+            count += 1
+            if len(denied) < MAX_DENIED_LISTED:
+                denied.append({"host": host, "port": port, "reason": str(op.data.get("reason", op.detail))})
+            continue
+        entry["connections"] += 1
+        entry["bytes_up"] += int(op.data.get("bytes_up", 0))
+        entry["bytes_down"] += int(op.data.get("bytes_down", 0))
+    listed = [h for h in hosts.values() if h["host"] and h["host"] != "-"]
+    if network != "gateway" and not hosts:
+        return {"network": network}  # no gateway, nothing to sum
+    summary: dict[str, Any] = {"network": network, "hosts": listed, "denied": denied}
+    if count > len(denied):
+        summary["denied_total"] = count
+    return summary
+
+
+def usage_summary(ops: Sequence[Operation]) -> dict[str, dict[str, int]]:
+    """A run's ``usage`` per model route: requests and the token counts its answers reported."""
+    usage: dict[str, dict[str, int]] = {}
+    for op in ops:
+        if op.op != "model" or op.data is None or op.outcome == "denied":
+            continue
+        totals = usage.setdefault(str(op.data.get("model", "")), {"requests": 0})
+        totals["requests"] += 1
+        for key, value in dict(op.data.get("usage") or {}).items():
+            totals[key] = totals.get(key, 0) + int(value)
+    return usage
+
+
+def budget_summary(tokens: int | None, ops: Sequence[Operation], usage: dict[str, dict[str, int]]) -> dict[str, Any]:
+    used = sum(u.get("input_tokens", 0) + u.get("output_tokens", 0) for u in usage.values())
+    refused = any(op.op == "model" and op.outcome == "denied" and op.data and "budget" in op.data for op in ops)
+    return {"tokens": tokens, "used": used, "exhausted": refused or (tokens is not None and used >= tokens)}
 
 
 def provenance(store: Store, slug: str, *, api_url: str = "", org: str = "") -> dict[str, Any]:
     state = store.known(slug)
     ops = store.operations(slug)
     check = verify_chain(slug, ops, head=state.chain_head, count=state.op_count)
-    runs = []
-    runs = [run_view(run) for run in store.runs(slug)]
+    by_run: dict[int, list[Operation]] = {}
+    for op in ops:
+        by_run.setdefault(op.run, []).append(op)
+    runs = [run_view(run, by_run.get(int(run["n"]), [])) for run in store.runs(slug)]
     return {
         "schema": "forgebottle.provenance/v1",
         "slug": slug,

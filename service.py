@@ -38,13 +38,14 @@ from bottles import (
     find_bwrap,
 )
 from config import Config, ConfigError, redact
+from egress import EgressEvent, Gateway
 from gitea import Forge, ForgeAuthError, ForgeError, ForgeUnavailable, PullRequest, Repo, ScopedForge, User
 from metrics import Metrics
 from rules import Decision, Destroy, Ignore, Launch, Link, Prompt, Rules
 from serving import UnixServer
 from sidecar import WRITES, sidecar_app
 from statemachine import Bottle, BottleState, ForgeBottleError, Trigger, branch_for, fire
-from store import ForgeState, InboxEvent, NewEvent, Store
+from store import ForgeState, InboxEvent, NewEvent, Store, StoreError
 
 log = logging.getLogger("forgebottle")
 
@@ -107,11 +108,13 @@ class ActiveRun:
     grace: asyncio.Task[None] | None = None
     sidecar: UnixServer | None = None
     handle: RunHandle | None = None
+    gateway: Gateway | None = None
 
     def last_activity(self) -> float:
-        """A sidecar call or output from the agent, whichever came last."""
+        """A sidecar call, gateway traffic or output from the agent, whichever came last."""
         output = self.handle.last_output if self.handle is not None else 0.0
-        return max(self.last_call, output)
+        traffic = self.gateway.last_activity if self.gateway is not None else 0.0
+        return max(self.last_call, output, traffic)
 
 
 class Intake:
@@ -507,6 +510,8 @@ class Service:
                     self.store.apply(state, record, db)
                     self.store.end_run(slug, n, at=at, error=error, db=db)
             self._log_transition(slug, trigger.value, f"run {n}")
+            if active is not None and active.ctx.agent.budget_tokens is not None:
+                self.store.update_run(slug, n, budget_tokens=active.ctx.agent.budget_tokens)
             if active is not None:
                 self.active[slug] = active
                 active.monitor = asyncio.create_task(self._monitor(active), name=f"monitor:{slug}")
@@ -541,6 +546,7 @@ class Service:
             git_user=state.agent_git_user or (self.bot.login if self.bot else "forgebottle"),
             token=self.config.token,
             bwrap=self.bwrap,
+            model_api=route.api if (route := self.config.models.get(agent.model or "")) else None,
         )
 
     def backend(self, ctx: BottleContext) -> Backend:
@@ -555,11 +561,19 @@ class Service:
         active = ActiveRun(ctx=ctx, run=n, scoped=scoped, started=now, deadline=deadline, last_call=now)
         sidecar = UnixServer(sidecar_app(RunAccess(self, active)), ctx.paths.socket)
         active.sidecar = sidecar
-        # The socket comes up while the workspace is cloned; the agent starts once both are ready.
-        prepared, started = await asyncio.gather(backend.prepare(ctx), sidecar.start(), return_exceptions=True)
-        for outcome in (prepared, started):
+        active.gateway = self._gateway(active)
+        # The sockets come up while the workspace is cloned; the agent starts once all are ready.
+        prepared, started, *gateway = await asyncio.gather(
+            backend.prepare(ctx),
+            sidecar.start(),
+            *([self._start_gateway(active)] if active.gateway else []),
+            return_exceptions=True,
+        )
+        for outcome in (prepared, started, *gateway):
             if isinstance(outcome, BaseException):
                 await sidecar.stop()
+                if active.gateway is not None:
+                    await active.gateway.stop()
                 raise outcome
         ctx.paths.prompt.write_text(prompt)
         (ctx.paths.root / f"prompt-{n}.md").write_text(prompt)
@@ -569,6 +583,8 @@ class Service:
         except BaseException:
             self.active.pop(ctx.slug, None)
             await sidecar.stop()
+            if active.gateway is not None:
+                await active.gateway.stop()
             raise
         log.info("%s: run %d started (pid %d)", ctx.slug, n, active.handle.pid, extra={"slug": ctx.slug})
         if ctx.bottle.backend == "local" and not ctx.sandboxed:
@@ -580,6 +596,37 @@ class Service:
                 extra={"slug": ctx.slug},
             )
         return active
+
+    def _gateway(self, active: ActiveRun) -> Gateway | None:
+        """The run's egress gateway, for agents with ``network = "gateway"`` (DESIGN.md §10)."""
+        ctx = active.ctx
+        if ctx.agent.network != "gateway":
+            return None
+
+        def record(event: EgressEvent) -> None:
+            detail = redact(event.detail, self.secrets)
+            try:
+                self.store.append_operation(
+                    ctx.slug,
+                    run=active.run,
+                    at=utcnow(),
+                    op=event.op,
+                    target=event.target,
+                    outcome=event.outcome,
+                    detail=detail,
+                    duration_ms=event.duration_ms,
+                    data=event.data,
+                )
+            except StoreError as exc:
+                log.warning("%s: egress record lost: %s", ctx.slug, exc, extra={"slug": ctx.slug})
+
+        used = self.store.model_tokens(ctx.slug)
+        return Gateway.for_agent(self.config, ctx.agent, slug=ctx.slug, record=record, issue_used=used)
+
+    async def _start_gateway(self, active: ActiveRun) -> None:
+        assert active.gateway is not None
+        active.ctx.paths.sidecar_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await active.gateway.start(active.ctx.paths.egress_socket)
 
     async def _monitor(self, active: ActiveRun) -> None:
         assert active.handle is not None and active.sidecar is not None
@@ -593,6 +640,8 @@ class Service:
                 if active.grace is not None:
                     active.grace.cancel()
                 await active.sidecar.stop()
+                if active.gateway is not None:
+                    await active.gateway.stop()
                 with contextlib.suppress(FileNotFoundError):
                     active.ctx.paths.prompt.unlink()
                 self.store.update_run(slug, active.run, ended_at=utcnow(), exit_code=code)

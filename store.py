@@ -154,6 +154,13 @@ MIGRATIONS: list[str] = [
     DROP TABLE operations;
     ALTER TABLE operations_by_key RENAME TO operations;
     """,
+    # 5: egress connections and model calls carry structured data (host, bytes, tokens), and a
+    # run keeps the token budget it ran under; denials are counted for `orchestrate status`.
+    """
+    ALTER TABLE operations ADD COLUMN data TEXT;
+    ALTER TABLE runs ADD COLUMN budget_tokens INTEGER;
+    CREATE INDEX operations_egress_denied ON operations (slug) WHERE outcome = 'denied' AND op IN ('egress', 'model');
+    """,
 ]
 
 
@@ -271,10 +278,12 @@ class Operation:
     detail: str
     duration_ms: float
     hash: str
+    data: dict[str, Any] | None = None  # egress and model operations: host, bytes, tokens
 
     def content(self) -> dict[str, Any]:
-        """What the hash covers: everything but the hash itself."""
-        return {
+        """What the hash covers: everything but the hash itself (``data`` only when present, so
+        every chain written before it existed still verifies)."""
+        content = {
             "seq": self.seq,
             "run": self.run,
             "at": self.at,
@@ -284,6 +293,9 @@ class Operation:
             "detail": self.detail,
             "duration_ms": self.duration_ms,
         }
+        if self.data is not None:
+            content["data"] = self.data
+        return content
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -637,6 +649,7 @@ class Store:
             "watchdog_fired",
             "secret_findings",
             "error",
+            "budget_tokens",
         }
         assert fields and set(fields) <= allowed
         sets = ", ".join(f"{k} = ?" for k in fields)
@@ -668,6 +681,7 @@ class Store:
         detail: str,
         duration_ms: float,
         durable: bool = False,
+        data: dict[str, Any] | None = None,
     ) -> Operation:
         """Append one operation to ``slug``'s chain (``durable``: see ``transaction``)."""
         with self.transaction(durable=durable) as db:
@@ -678,12 +692,15 @@ class Store:
             seq = int(row["op_count"]) + 1
             # Always a float: the column is REAL, and the hash must read back as it was written.
             duration_ms = round(float(duration_ms), 3)
-            draft = Operation(seq, run, at, op, target, outcome, detail, duration_ms, "")
+            # Through canonical JSON and back: the hash covers exactly what a reader will load.
+            stored = canonical(data) if data is not None else None
+            loaded = json.loads(stored) if stored is not None else None
+            draft = Operation(seq, run, at, op, target, outcome, detail, duration_ms, "", loaded)
             operation = dataclasses.replace(draft, hash=chain_hash(previous, draft))
             db.execute(
-                "INSERT INTO operations (slug, seq, run, at, op, target, outcome, detail, duration_ms, hash) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (slug, seq, run, at, op, target, outcome, detail, duration_ms, operation.hash),
+                "INSERT INTO operations (slug, seq, run, at, op, target, outcome, detail, duration_ms, hash, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (slug, seq, run, at, op, target, outcome, detail, duration_ms, operation.hash, stored),
             )
             db.execute(
                 "UPDATE forge_state SET chain_head = ?, op_count = ?, last_checkin_at = ? WHERE slug = ?",
@@ -704,9 +721,28 @@ class Store:
                 r["detail"],
                 float(r["duration_ms"]),
                 r["hash"],
+                json.loads(r["data"]) if r["data"] is not None else None,
             )
             for r in rows
         ]
+
+    def egress_denials(self) -> dict[str, int]:
+        """Refused egress connections and model calls, per bottle."""
+        rows = self._query(
+            "SELECT slug, COUNT(*) AS n FROM operations WHERE outcome = 'denied' AND op IN ('egress', 'model') "
+            "GROUP BY slug"
+        )
+        return {r["slug"]: int(r["n"]) for r in rows}
+
+    def model_tokens(self, slug: str) -> int:
+        """Tokens (read and written) the bottle's model calls used, over all its runs."""
+        rows = self._query(
+            "SELECT COALESCE(SUM(json_extract(data, '$.usage.input_tokens')), 0) "
+            "+ COALESCE(SUM(json_extract(data, '$.usage.output_tokens')), 0) AS n "
+            "FROM operations WHERE slug = ? AND op = 'model' AND data IS NOT NULL",
+            (slug,),
+        )
+        return int(rows[0]["n"])
 
     def verify(self, slug: str) -> ChainCheck:
         state = self.by_slug(slug)

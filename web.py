@@ -30,7 +30,7 @@ from bottles import BottlePaths
 from config import VERSION as __version__
 from config import Config, Secret, redact
 from pages import bottle_page, index_page, run_outcome
-from provenance import bottle_view, provenance, run_view
+from provenance import bottle_views, provenance, run_view
 from rules import triage
 from service import Service
 from serving import BodyTooSlow, UnixServer, read_bounded
@@ -189,7 +189,7 @@ def create_app(config: Config, service: Service, *, reload: Callable[[], Config]
 
     async def bottles(request: Request) -> Response:
         authorize(request)
-        return JSONResponse([bottle_view(s) for s in store.all()])
+        return JSONResponse(bottle_views(store, store.all()))
 
     async def events(request: Request) -> Response:
         authorize(request)

@@ -177,7 +177,8 @@ def test_operations_written_before_the_without_rowid_migration_still_verify(tmp_
     old.close()
     with contextlib.closing(sqlite3.connect(path)) as db:  # back to the rowid table of version 3
         db.executescript(
-            "CREATE TABLE ops_rowid AS SELECT * FROM operations; DROP TABLE operations;"
+            "CREATE TABLE ops_rowid AS SELECT slug, seq, run, at, op, target, outcome, detail, duration_ms, hash "
+            "FROM operations; DROP TABLE operations; ALTER TABLE runs DROP COLUMN budget_tokens;"
             + MIGRATIONS[0][MIGRATIONS[0].index("CREATE TABLE operations") :].split(";")[0]
             + "; INSERT INTO operations SELECT * FROM ops_rowid; DROP TABLE ops_rowid; PRAGMA user_version = 3;"
         )
@@ -216,7 +217,7 @@ def test_the_chain_hash_of_an_operation_never_changes() -> None:
     op = Operation(3, 2, "2026-11-26T00:00:00.000+00:00", "post_comment", "issue #7", "ok", "«héllo» — x", 12.345, "")
     # A new field must be put under the hash (Operation.content) or left out of it, on purpose.
     names = [field.name for field in dataclasses.fields(Operation)]
-    assert names == ["seq", "run", "at", "op", "target", "outcome", "detail", "duration_ms", "hash"]
+    assert names == ["seq", "run", "at", "op", "target", "outcome", "detail", "duration_ms", "hash", "data"]
     assert (
         chain_hash(genesis("acme-widgets-7"), op) == "9c46d76a7a5154c757df5c0021af2e88d8aacb0a1ae9bd44beb8ccffac87f391"
     )
