@@ -266,13 +266,6 @@ class Forge(abc.ABC):
     @abc.abstractmethod
     async def branch_sha(self, owner: str, repo: str, branch: str) -> str | None: ...
 
-    async def get_pr_for_issue(self, owner: str, repo: str, issue: int) -> PullRequest | None:
-        """The open PR forgebottle would have opened for ``issue`` (its branch), if any."""
-        return await self.find_pr_by_head(owner, repo, branch_for(issue))
-
-    async def is_pr_open(self, owner: str, repo: str, number: int) -> bool:
-        return (await self.read_pr(owner, repo, number)).state == "open"
-
     async def aclose(self) -> None:
         return None
 

@@ -456,12 +456,6 @@ class Store:
         archived = self._query("SELECT row FROM forge_state_archive WHERE slug = ?", (slug,))
         return _state_from_row(json.loads(archived[0]["row"])) if archived else None
 
-    def delete(self, owner: str, repo: str, issue: int) -> None:
-        with self.transaction() as db:
-            db.execute(
-                "DELETE FROM forge_state WHERE owner = ? AND repo = ? AND issue_number = ?", (owner, repo, issue)
-            )
-
     def all(self, *, live_only: bool = False) -> list[ForgeState]:
         where = ""
         if live_only:
@@ -534,10 +528,6 @@ class Store:
         return [dict(r) for r in rows]
 
     # -- inbox -----------------------------------------------------------------------
-
-    def add_event(self, *, received_at: str, delivery: str, event_type: str, body: bytes) -> tuple[int, bool]:
-        """Store one webhook durably. Returns (id, is_new); a byte-identical body is not new."""
-        return self.add_events([NewEvent(received_at, delivery, event_type, body)])[0]
 
     def add_events(self, events: Sequence[NewEvent]) -> list[tuple[int, bool]]:
         """Store webhooks in one durable transaction (group commit): (id, is_new) for each.

@@ -61,13 +61,6 @@ def test_upsert_replaces_keeping_one_row(store: Store) -> None:
     assert (rows[0].agent_name, rows[0].pr_number) == ("reviewer", 5)
 
 
-def test_delete_is_idempotent(store: Store) -> None:
-    store.upsert(state())
-    store.delete("acme", "widgets", 17)
-    store.delete("acme", "widgets", 17)
-    assert store.get("acme", "widgets", 17) is None
-
-
 def test_all_is_ordered_by_owner_repo_issue(store: Store) -> None:
     for owner, repo, issue in [("b", "a", 1), ("a", "b", 2), ("a", "b", 10), ("a", "a", 5)]:
         store.upsert(state(owner, repo, issue))
@@ -82,7 +75,7 @@ def test_all_is_ordered_by_owner_repo_issue(store: Store) -> None:
 def test_records_survive_a_reopen(tmp_path: Path) -> None:
     first = Store(tmp_path / "db")
     first.upsert(state())
-    first.add_event(received_at="t", delivery="d", event_type="issues", body=b"{}")
+    first.add_events([NewEvent("t", "d", "issues", b"{}")])
     first.close()
     second = Store(tmp_path / "db")
     assert second.get("acme", "widgets", 17) == state()
@@ -109,9 +102,9 @@ def test_refuses_a_newer_schema(tmp_path: Path) -> None:
 
 
 def test_identical_body_is_not_new(store: Store) -> None:
-    first = store.add_event(received_at="t", delivery="a", event_type="issues", body=b'{"x": 1}')
-    again = store.add_event(received_at="t", delivery="b", event_type="issues", body=b'{"x": 1}')
-    other = store.add_event(received_at="t", delivery="c", event_type="issues", body=b'{"x": 2}')
+    first = store.add_events([NewEvent("t", "a", "issues", b'{"x": 1}')])[0]
+    again = store.add_events([NewEvent("t", "b", "issues", b'{"x": 1}')])[0]
+    other = store.add_events([NewEvent("t", "c", "issues", b'{"x": 2}')])[0]
     assert first == (first[0], True)
     assert again == (first[0], False)
     assert other[1] and other[0] != first[0]
