@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +40,7 @@ PLACEHOLDER = "forgebottle-gateway"
 MADE = "made-by-a-real-agent"
 REVIEW = "PLEASE-RESUME and say hello"
 RUN_SECONDS = 90.0
+ISSUE_TITLE = "Add the real-agent file"
 
 
 def figures(name: str, **values: Any) -> None:
@@ -75,6 +75,7 @@ class Scene:
     store: Store
     agent: str
     key: str
+    key_file: Path
 
     def bottle_state(self, issue: int, runs: int) -> BottleState | None:
         state = self.store.get(self.forge.owner, self.forge.repo, issue)
@@ -123,7 +124,7 @@ def scene(forge: Forge, serve_factory: Callable[..., ServeProcess], short_tmp: P
         )
         serve = serve_factory(extra_toml=extra).start()
         forge.dev.add_hook(forge.owner, forge.repo, f"{serve.url}/webhook", WEBHOOK_SECRET)
-        built = Scene(forge, serve, models, Store(serve.state_dir / "bot-bottle.db"), agent, key)
+        built = Scene(forge, serve, models, Store(serve.state_dir / "bot-bottle.db"), agent, key, key_file)
         made.append(built)
         return built
 
@@ -139,7 +140,7 @@ def open_issue(scene: Scene) -> int:
     issue = scene.forge.dev.create_issue(
         scene.forge.owner,
         scene.forge.repo,
-        title="Add the real-agent file",
+        title=ISSUE_TITLE,
         body="Create made.txt saying who made it, commit it and open a PR.",
         user=member,
         labels=[f"bot-bottle:{scene.agent}"],
@@ -148,20 +149,42 @@ def open_issue(scene: Scene) -> int:
     return issue.number
 
 
-def key_hits(scene: Scene, slug: str, doc: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """Where the bottle (or anyone reading its record) could find the model key: every regular
-    file of the bottle (workspace, .git, HOME with the CLI's sessions, run logs), its sidecar
-    dir (prompt, MCP config, sockets' dir), the service log, the database and provenance; each
-    searched for the key and its base64 and hex forms. Returns (places, hits)."""
+def dump(n: int) -> str:
+    """A shell step: the agent's environment and prompt, kept in HOME, where the key search looks."""
+    # No quotes: the conversation carries it JSON-escaped, twice for Codex's arguments.
+    return f"env > $HOME/env-{n}.txt && cp $FORGE_PROMPT_FILE $HOME/prompt-{n}.md"
+
+
+def holding_the_key(scene: Scene, files: list[Path]) -> list[Path]:
     forms = [form for form, _ in secret_forms([scene.key])]
-    files = [p for p in scene.bottle(slug).rglob("*") if p.is_file() and not p.is_symlink()]
-    files += [p for p in (scene.serve.state_dir / "sidecars").rglob("*") if p.is_file() and not p.is_symlink()]
-    files += [scene.serve.log, *scene.serve.state_dir.glob("bot-bottle.db*")]
-    places = [str(p) for p in files] + ["provenance"]
-    hits = [str(p) for p in files if any(form in p.read_bytes() for form in forms)]
-    text = json.dumps(doc).encode()
-    hits += ["provenance"] if any(form in text for form in forms) else []
-    return places, hits
+    return [p for p in files if any(form in p.read_bytes() for form in forms)]
+
+
+def key_search(scene: Scene, slug: str, doc: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
+    """Every place the bottle (or a reader of its record) could find the model key: each regular
+    file of the bottle (workspace and its .git, HOME with the CLI's sessions and the env and
+    prompt dumps, run logs, mirror), its sidecar dir, the service log, the database, and
+    provenance; searched for the key and its base64 and hex forms. Returns (places by kind, hits)."""
+    bottle = scene.bottle(slug)
+    kinds: dict[str, list[Path]] = {
+        "workspace": [bottle / "workspace"],
+        "home": [bottle / "home"],
+        "bottle_rest": [p for p in bottle.iterdir() if p.name not in ("workspace", "home")],
+        "sidecar": [scene.serve.state_dir / "sidecars" / slug],
+    }
+    files: dict[str, list[Path]] = {}
+    for kind, roots in kinds.items():
+        found = [r for r in roots if r.is_file()]
+        found += [p for r in roots if r.is_dir() for p in r.rglob("*") if p.is_file() and not p.is_symlink()]
+        files[kind] = found
+    files["service"] = [scene.serve.log, *scene.serve.state_dir.glob("bot-bottle.db*")]
+    record = scene.serve.log.parent / f"provenance-{slug}.json"
+    record.write_text(json.dumps(doc))
+    files["provenance"] = [record]
+    # The search finds the key where it is: the file it was configured from.
+    assert holding_the_key(scene, [scene.key_file]) == [scene.key_file]
+    hits = [str(p) for group in files.values() for p in holding_the_key(scene, group)]
+    return {kind: len(group) for kind, group in files.items()}, hits
 
 
 def run_usage(doc: dict[str, Any], n: int, model: str) -> dict[str, int]:
@@ -179,50 +202,10 @@ def reported(seen: list[Seen]) -> dict[str, int]:
     }
 
 
-def check_the_key(scene: Scene, slug: str, doc: dict[str, Any], env_dump: str) -> tuple[int, int]:
-    """The bottle held the placeholder; the model server got the real key on every call."""
-    assert f"ANTHROPIC_API_KEY={PLACEHOLDER}" in env_dump or f"OPENAI_API_KEY={PLACEHOLDER}" in env_dump
-    assert scene.key not in env_dump
-    seen = scene.models.requests
-    assert seen and {s.api_key for s in seen} == {scene.key}
-    # Nor did the placeholder, or the key itself, travel in any body the model got.
-    assert not [s.n for s in seen if PLACEHOLDER in s.text() or scene.key in s.text()]
-    places, hits = key_hits(scene, slug, doc)
-    assert not hits, hits
-    return len(places), len(hits)
-
-
-def check_env(env_dump: str) -> None:
-    # The recipe's PATH, then forgebottle's: the forge tool stays on it (§6). A CLI may put
-    # its own helpers in front for the commands it runs (Codex does).
-    [path] = [line[5:] for line in env_dump.splitlines() if line.startswith("PATH=")]
-    assert f":{path}".endswith(f":{NODE_PREFIX}/node_modules/.bin:/opt/forgebottle/bin:/usr/local/bin:/usr/bin:/bin"), path
-
-
-def check_first_run(scene: Scene, issue: int, slug: str) -> tuple[int, dict[str, Any]]:
-    """The PR and its commit on the forge, the MCP operations on the record."""
-    dev, owner, repo = scene.forge.dev, scene.forge.owner, scene.forge.repo
-    state = scene.store.get(owner, repo, issue)
-    assert state is not None and state.pr_number is not None, scene.run_log(slug, 1)[-3000:]
-    pull = dev.issue(owner, repo, state.pr_number)
-    assert pull.pull is not None and pull.title == f"Fix #{issue}: the real-agent file"
-    branch = f"bot-bottle/issue-{issue}"
-    # git_out strips the last newline; the workspace has the file as the CLI wrote it.
-    assert dev.read_file(owner, repo, branch, "made.txt") == f"{MADE} {scene.agent}"
-    assert (scene.bottle(slug) / "workspace" / "made.txt").read_text() == f"{MADE} {scene.agent}\n"
-    ops = [op.op for op in scene.store.operations(slug)]
-    for op in ("read_issue", "push", "open_pr", "signal_done"):
-        assert op in ops, ops
-    assert ops.index("read_issue") < ops.index("push") < ops.index("open_pr") < ops.index("signal_done")
-    doc = provenance(scene.store, slug)
-    assert doc["chain"]["verified"]
-    return state.pr_number, doc
-
-
 def first_script(issue: int, shell: Callable[[str], Step], write: Step) -> list[Step]:
     return [
         call("mcp__forge__read_issue", number=issue),
-        shell("env > $HOME/env.txt"),
+        shell(dump(1)),
         write,
         shell(f"git add made.txt && git commit -q -m 'Add made.txt for #{issue}'"),
         call("mcp__forge__push"),
@@ -232,126 +215,152 @@ def first_script(issue: int, shell: Callable[[str], Step], write: Step) -> list[
     ]
 
 
-def second_script(pr: int) -> list[Step]:
+def second_script(pr: int, shell: Callable[[str], Step]) -> list[Step]:
     return [
+        shell(dump(2)),
         call("mcp__forge__post_comment", number=pr, body="hello from the resumed session"),
         call("mcp__forge__signal_done", status="success", summary="answered the review"),
         say("second run done"),
     ]
 
 
-def review_and_resume(scene: Scene, issue: int, pr: int, slug: str, run1: int) -> Seen:
-    """A review comment from an org member rehydrates the bottle; returns run 2's first request."""
-    scene.models.load(second_script(pr))
+@dataclasses.dataclass(frozen=True)
+class Vendor:
+    """What differs between the two CLIs: their API, tools and where they keep a session."""
+
+    agent: str
+    api: str
+    path: str  # the model API path each turn posts to
+    shell: Callable[[str], Step]
+    write: Step
+    base_url_var: str
+    base_url: str
+    session_id: Callable[[Seen], str]  # the session or thread a request belongs to
+    sessions: str  # the glob, under HOME, of the CLI's session files
+
+
+def run_end_to_end(make: Callable[..., Scene], vendor: Vendor) -> None:
+    issue = 1  # a fresh forge: the script names it before the run starts
+    scene = make(vendor.agent, vendor.api, first_script(issue, vendor.shell, vendor.write))
+    assert open_issue(scene) == issue
+    slug = scene.wait_frozen(issue, 1)
+    assert scene.models.remaining == 0, scene.run_log(slug, 1)[-3000:]
     dev, owner, repo = scene.forge.dev, scene.forge.owner, scene.forge.repo
+    home = scene.bottle(slug) / "home"
+
+    # The forge: the PR, and its commit carrying the file the CLI wrote.
+    state = scene.store.get(owner, repo, issue)
+    assert state is not None and state.pr_number is not None, scene.run_log(slug, 1)[-3000:]
+    pr = state.pr_number
+    pull = dev.issue(owner, repo, pr)
+    assert pull.pull is not None and pull.title == f"Fix #{issue}: the real-agent file"
+    made = f"{MADE} {vendor.agent}"
+    assert dev.read_file(owner, repo, f"bot-bottle/issue-{issue}", "made.txt") == made  # git strips the \n
+    assert (scene.bottle(slug) / "workspace" / "made.txt").read_text() == made + "\n"
+
+    # The record: the forge's MCP tools as sidecar operations, in the script's order.
+    ops = [op.op for op in scene.store.operations(slug)]
+    forge_ops = [op for op in ops if op not in ("model", "egress")]
+    assert forge_ops == ["read_issue", "push", "open_pr", "signal_done"], ops
+    run1 = scene.models.requests
+    # One streamed POST per turn: the CLI's own traffic is off, nothing else reached the model.
+    assert [(s.path, s.kind, s.stream) for s in run1] == [(vendor.path, "scripted", True)] * len(run1)
+    assert ISSUE_TITLE in run1[1].text()  # read_issue's answer went back to the model
+    doc = provenance(scene.store, slug)
+    assert doc["chain"]["verified"]
+    usage1, expected1 = run_usage(doc, 1, vendor.api), reported(run1)
+    assert {k: usage1[k] for k in expected1} == expected1
+
+    # What the agent saw: the route and the placeholder, its PATH before forgebottle's.
+    env = (home / "env-1.txt").read_text()
+    assert f"{vendor.base_url_var}={vendor.base_url}" in env
+    assert f"{vendor.api.upper()}_API_KEY={PLACEHOLDER}" in env
+    [path] = [line[5:] for line in env.splitlines() if line.startswith("PATH=")]
+    # The recipe's PATH, then forgebottle's, so the forge tool stays on it (§6); a CLI may put
+    # its own helpers in front for the commands it runs (Codex does).
+    assert f":{path}".endswith(f":{NODE_PREFIX}/node_modules/.bin:/opt/forgebottle/bin:/usr/local/bin:/usr/bin:/bin")
+    assert ISSUE_TITLE in (home / "prompt-1.md").read_text()
+    sessions = sorted(home.glob(vendor.sessions))
+    [session] = {vendor.session_id(s) for s in run1}
+    assert len(sessions) == 1 and session in sessions[0].name, (session, sessions)
+
+    # A review comment from an org member rehydrates the bottle with resume_command.
+    scene.models.load(second_script(pr, vendor.shell))
     dev.comment(owner, repo, pr, REVIEW, user=scene.forge.world.member.login)
     assert scene.wait_frozen(issue, 2) == slug
     assert scene.models.remaining == 0, scene.run_log(slug, 2)[-3000:]
-    comments = [c.body for c in dev.issue(owner, repo, pr).comments]
-    assert "hello from the resumed session" in comments
-    return scene.models.requests[run1]
-
-
-def check_resumed(first: Seen, remembered: list[str]) -> int:
-    """Run 2's first request carries run 1's conversation, then the review."""
-    history = first.text()
-    missing = [text for text in remembered if text not in history]
+    assert "hello from the resumed session" in [c.body for c in dev.issue(owner, repo, pr).comments]
+    run2 = scene.models.requests[len(run1) :]
+    # Its first request carries run 1's conversation: the session was found in the kept HOME.
+    remembered = [ISSUE_TITLE, dump(1), made, "first run done", REVIEW]
+    missing = [text for text in remembered if text not in run2[0].text()]
     assert not missing, missing
-    assert REVIEW in history
-    return len(remembered)
+    assert {vendor.session_id(s) for s in run2} == {session}
+    assert sorted(home.glob(vendor.sessions)) == sessions
+    assert REVIEW in (home / "prompt-2.md").read_text()
+    doc = provenance(scene.store, slug)
+    assert [t["trigger"] for t in doc["transitions"]] == ["launch", "done", "rehydrate", "done"]
+    usage2, expected2 = run_usage(doc, 2, vendor.api), reported(run2)
+    assert {k: usage2[k] for k in expected2} == expected2
 
-
-def claude_shell(command: str) -> Step:
-    return call("Bash", command=command, description="run a command")
+    # The key: the model server got the real one on every call, never the placeholder...
+    seen = scene.models.requests
+    assert {s.api_key for s in seen} == {scene.key}
+    assert not [s.n for s in seen if PLACEHOLDER in s.text() or scene.key in s.text()]
+    # ...and the bottle held only the placeholder: the key is nowhere it could look.
+    for n in (1, 2):
+        assert scene.key not in (home / f"env-{n}.txt").read_text()
+    places, hits = key_search(scene, slug, doc)
+    assert not hits, hits
+    figures(
+        f"real_agent_{vendor.agent}",
+        runs=2,
+        requests=[len(run1), len(run2)],
+        usage_run1=usage1,
+        server_run1=expected1,
+        usage_run2=usage2,
+        server_run2=expected2,
+        usage_equal=True,
+        resumed_remembered=len(remembered),
+        key_places=places,
+        key_places_total=sum(places.values()),
+        key_hits=len(hits),
+    )
 
 
 @needs_claude
 def test_claude_code_end_to_end_through_the_gateway(scene: Callable[..., Scene]) -> None:
-    issue = 1  # a fresh forge: the script must name it before the run starts
-    write = call("Write", file_path="/workspace/made.txt", content=f"{MADE} claude\n")
-    world = scene("claude", "anthropic", first_script(issue, claude_shell, write))
-    assert open_issue(world) == issue
-    slug = world.wait_frozen(issue, 1)
-    assert world.models.remaining == 0, world.run_log(slug, 1)[-3000:]
-    pr, doc = check_first_run(world, issue, slug)
-    run1 = len(world.models.requests)
-    # One streamed POST per turn: the CLI's own traffic is off, and nothing else reached it.
-    assert [(s.path, s.kind, s.stream) for s in world.models.requests] == [("/v1/messages", "scripted", True)] * run1
-    usage = run_usage(doc, 1, "anthropic")
-    expected = reported(world.models.requests)
-    assert {k: usage[k] for k in expected} == expected
-    env_dump = (world.bottle(slug) / "home" / "env.txt").read_text()
-    check_env(env_dump)
-    assert "ANTHROPIC_BASE_URL=http://127.0.0.1:3128/models/anthropic" in env_dump
-    assert "IS_SANDBOX=1" in env_dump and "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1" in env_dump
-    sessions = list((world.bottle(slug) / "home" / ".claude" / "projects" / "-workspace").glob("*.jsonl"))
-    assert len(sessions) == 1
-
-    first = review_and_resume(world, issue, pr, slug, run1)
-    remembered = ["Add the real-agent file", "env > $HOME/env.txt", f"{MADE} claude", "first run done"]
-    resumed = check_resumed(first, remembered)
-    doc = provenance(world.store, slug)
-    assert [t["trigger"] for t in doc["transitions"]][-2:] == ["rehydrate", "done"]
-    usage2 = run_usage(doc, 2, "anthropic")
-    expected2 = reported(world.models.requests[run1:])
-    assert {k: usage2[k] for k in expected2} == expected2
-    places, hits = check_the_key(world, slug, doc, env_dump)
-    figures(
-        "real_agent_claude",
-        runs=2,
-        requests=[run1, len(world.models.requests) - run1],
-        usage_run1=usage,
-        server_run1=expected,
-        usage_equal=True,
-        resumed_remembered=resumed,
-        key_places=places,
-        key_hits=hits,
+    vendor = Vendor(
+        agent="claude",
+        api="anthropic",
+        path="/v1/messages",
+        shell=lambda command: call("Bash", command=command, description="run a command"),
+        write=call("Write", file_path="/workspace/made.txt", content=f"{MADE} claude\n"),
+        base_url_var="ANTHROPIC_BASE_URL",
+        base_url="http://127.0.0.1:3128/models/anthropic",
+        session_id=lambda seen: seen.headers["x-claude-code-session-id"],
+        sessions=".claude/projects/-workspace/*.jsonl",
     )
+    run_end_to_end(scene, vendor)
 
 
-def codex_shell(command: str) -> Step:
-    return call("exec_command", cmd=command)
+def codex_thread(seen: Seen) -> str:
+    thread: str = json.loads(seen.headers["x-codex-turn-metadata"])["thread_id"]
+    return thread
 
 
 @needs_codex
 def test_codex_end_to_end_through_the_gateway(scene: Callable[..., Scene]) -> None:
-    issue = 1
-    write = codex_shell(f"printf '%s\\n' '{MADE} codex' > made.txt")
-    world = scene("codex", "openai", first_script(issue, codex_shell, write))
-    assert open_issue(world) == issue
-    slug = world.wait_frozen(issue, 1)
-    assert world.models.remaining == 0, world.run_log(slug, 1)[-3000:]
-    pr, doc = check_first_run(world, issue, slug)
-    run1 = len(world.models.requests)
-    assert [(s.path, s.kind, s.stream) for s in world.models.requests] == [("/v1/responses", "scripted", True)] * run1
-    usage = run_usage(doc, 1, "openai")
-    expected = reported(world.models.requests)
-    assert {k: usage[k] for k in expected} == expected
-    env_dump = (world.bottle(slug) / "home" / "env.txt").read_text()
-    check_env(env_dump)
-    assert "OPENAI_BASE_URL=http://127.0.0.1:3128/models/openai/v1" in env_dump
-    rollouts = list((world.bottle(slug) / "home" / ".codex" / "sessions").rglob("rollout-*.jsonl"))
-    assert len(rollouts) == 1
-
-    first = review_and_resume(world, issue, pr, slug, run1)
-    remembered = ["Add the real-agent file", "env > $HOME/env.txt", f"{MADE} codex", "first run done"]
-    resumed = check_resumed(first, remembered)
-    doc = provenance(world.store, slug)
-    assert [t["trigger"] for t in doc["transitions"]][-2:] == ["rehydrate", "done"]
-    usage2 = run_usage(doc, 2, "openai")
-    expected2 = reported(world.models.requests[run1:])
-    assert {k: usage2[k] for k in expected2} == expected2
-    places, hits = check_the_key(world, slug, doc, env_dump)
-    # Same thread id: resume --last found run 1's rollout in the kept HOME.
-    assert re.search(r"rollout-.*\.jsonl", str(rollouts[0]))
-    figures(
-        "real_agent_codex",
-        runs=2,
-        requests=[run1, len(world.models.requests) - run1],
-        usage_run1=usage,
-        server_run1=expected,
-        usage_equal=True,
-        resumed_remembered=resumed,
-        key_places=places,
-        key_hits=hits,
+    shell = lambda command: call("exec_command", cmd=command)  # noqa: E731
+    vendor = Vendor(
+        agent="codex",
+        api="openai",
+        path="/v1/responses",
+        shell=shell,
+        write=shell(f"printf '%s\\n' '{MADE} codex' > made.txt"),
+        base_url_var="OPENAI_BASE_URL",
+        base_url="http://127.0.0.1:3128/models/openai/v1",
+        session_id=codex_thread,
+        sessions=".codex/sessions/*/*/*/rollout-*.jsonl",
     )
+    run_end_to_end(scene, vendor)
