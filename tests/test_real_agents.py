@@ -328,13 +328,17 @@ def run_end_to_end(make: Callable[..., Scene], vendor: Vendor) -> None:
     )
 
 
+def claude_shell(command: str) -> Step:
+    return call("Bash", command=command, description="run a command")
+
+
 @needs_claude
 def test_claude_code_end_to_end_through_the_gateway(scene: Callable[..., Scene]) -> None:
     vendor = Vendor(
         agent="claude",
         api="anthropic",
         path="/v1/messages",
-        shell=lambda command: call("Bash", command=command, description="run a command"),
+        shell=claude_shell,
         write=call("Write", file_path="/workspace/made.txt", content=f"{MADE} claude\n"),
         base_url_var="ANTHROPIC_BASE_URL",
         base_url="http://127.0.0.1:3128/models/anthropic",
@@ -349,15 +353,18 @@ def codex_thread(seen: Seen) -> str:
     return thread
 
 
+def codex_shell(command: str) -> Step:
+    return call("exec_command", cmd=command)
+
+
 @needs_codex
 def test_codex_end_to_end_through_the_gateway(scene: Callable[..., Scene]) -> None:
-    shell = lambda command: call("exec_command", cmd=command)  # noqa: E731
     vendor = Vendor(
         agent="codex",
         api="openai",
         path="/v1/responses",
-        shell=shell,
-        write=shell(f"printf '%s\\n' '{MADE} codex' > made.txt"),
+        shell=codex_shell,
+        write=codex_shell(f"printf '%s\\n' '{MADE} codex' > made.txt"),
         base_url_var="OPENAI_BASE_URL",
         base_url="http://127.0.0.1:3128/models/openai/v1",
         session_id=codex_thread,
