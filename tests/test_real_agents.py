@@ -41,6 +41,7 @@ MADE = "made-by-a-real-agent"
 REVIEW = "PLEASE-RESUME and say hello"
 RUN_SECONDS = 90.0
 ISSUE_TITLE = "Add the real-agent file"
+ISSUE_BODY = "Create made.txt saying who made it, commit it and open a PR."
 
 
 def figures(name: str, **values: Any) -> None:
@@ -107,7 +108,7 @@ def scene(forge: Forge, serve_factory: Callable[..., ServeProcess], short_tmp: P
     def make(agent: str, api: str, script: list[Step]) -> Scene:
         models = ModelServer(script).start()
         port = models.url.rsplit(":", 1)[1]
-        key = f"sk-{agent}-test-{secrets.token_hex(16)}"
+        key = {"anthropic": "sk-ant-test-", "openai": "sk-proj-test-"}[api] + secrets.token_hex(16)
         key_file = short_tmp / f"{agent}.key"
         key_file.write_text(key + "\n")
         key_file.chmod(0o600)
@@ -141,7 +142,7 @@ def open_issue(scene: Scene) -> int:
         scene.forge.owner,
         scene.forge.repo,
         title=ISSUE_TITLE,
-        body="Create made.txt saying who made it, commit it and open a PR.",
+        body=ISSUE_BODY,
         user=member,
         labels=[f"bot-bottle:{scene.agent}"],
         assignees=[member],
@@ -258,16 +259,17 @@ def run_end_to_end(make: Callable[..., Scene], vendor: Vendor) -> None:
     assert dev.read_file(owner, repo, f"bot-bottle/issue-{issue}", "made.txt") == made  # git strips the \n
     assert (scene.bottle(slug) / "workspace" / "made.txt").read_text() == made + "\n"
 
-    # The record: the forge's MCP tools as sidecar operations, in the script's order.
-    ops = [op.op for op in scene.store.operations(slug)]
-    forge_ops = [op for op in ops if op not in ("model", "egress")]
-    assert forge_ops == ["read_issue", "push", "open_pr", "signal_done"], ops
+    # The record: the forge's MCP tools as operations in provenance, in the script's order.
+    doc = provenance(scene.store, slug)
+    assert doc["chain"]["verified"]
+    ops = [(op["op"], op["outcome"]) for op in doc["operations"]]
+    forge_ops = [op for op in ops if op[0] not in ("model", "egress")]
+    assert forge_ops == [(op, "ok") for op in ("read_issue", "push", "open_pr", "signal_done")], ops
     run1 = scene.models.requests
     # One streamed POST per turn: the CLI's own traffic is off, nothing else reached the model.
     assert [(s.path, s.kind, s.stream) for s in run1] == [(vendor.path, "scripted", True)] * len(run1)
-    assert ISSUE_TITLE in run1[1].text()  # read_issue's answer went back to the model
-    doc = provenance(scene.store, slug)
-    assert doc["chain"]["verified"]
+    # read_issue's answer went back to the model: the issue's text once more than the prompt has it.
+    assert run1[1].text().count(ISSUE_BODY) > run1[0].text().count(ISSUE_BODY)
     usage1, expected1 = run_usage(doc, 1, vendor.api), reported(run1)
     assert {k: usage1[k] for k in expected1} == expected1
 
