@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -240,7 +241,8 @@ class Vendor:
     sessions: str  # the glob, under HOME, of the CLI's session files
 
 
-def run_end_to_end(make: Callable[..., Scene], vendor: Vendor) -> None:
+def run_end_to_end(make: Callable[..., Scene], vendor: Vendor) -> Path:
+    """Both runs, checked; returns the bottle's HOME for the vendor's own checks."""
     issue = 1  # a fresh forge: the script names it before the run starts
     scene = make(vendor.agent, vendor.api, first_script(issue, vendor.shell, vendor.write))
     assert open_issue(scene) == issue
@@ -328,6 +330,7 @@ def run_end_to_end(make: Callable[..., Scene], vendor: Vendor) -> None:
         key_places_total=sum(places.values()),
         key_hits=len(hits),
     )
+    return home
 
 
 def claude_shell(command: str) -> Step:
@@ -347,7 +350,16 @@ def test_claude_code_end_to_end_through_the_gateway(scene: Callable[..., Scene])
         session_id=lambda seen: seen.headers["x-claude-code-session-id"],
         sessions=".claude/projects/-workspace/*.jsonl",
     )
-    run_end_to_end(scene, vendor)
+    home = run_end_to_end(scene, vendor)
+    # Claude Code asks `server/discover` first and waits 3 s for a server that ignores it:
+    # `forge mcp` answers -32601 at once, so each start connects well inside that.
+    connects = []
+    for log in sorted(home.glob(".cache/claude-cli-nodejs/-workspace/mcp-logs-forge/*.jsonl")):
+        for line in log.read_text().splitlines():
+            found = re.search(r"Successfully connected \(transport: stdio\) in (\d+)ms", json.loads(line)["debug"])
+            connects += [int(found.group(1))] if found else []
+    assert len(connects) == 2 and max(connects) < 3000, connects
+    figures("real_agent_claude_mcp", connect_ms=connects)
 
 
 def codex_thread(seen: Seen) -> str:
