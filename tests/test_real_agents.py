@@ -241,8 +241,8 @@ class Vendor:
     sessions: str  # the glob, under HOME, of the CLI's session files
 
 
-def run_end_to_end(make: Callable[..., Scene], vendor: Vendor) -> Path:
-    """Both runs, checked; returns the bottle's HOME for the vendor's own checks."""
+def run_end_to_end(make: Callable[..., Scene], vendor: Vendor) -> tuple[Scene, Path]:
+    """Both runs, checked; returns the scene and the bottle's HOME for the vendor's own checks."""
     issue = 1  # a fresh forge: the script names it before the run starts
     scene = make(vendor.agent, vendor.api, first_script(issue, vendor.shell, vendor.write))
     assert open_issue(scene) == issue
@@ -330,7 +330,7 @@ def run_end_to_end(make: Callable[..., Scene], vendor: Vendor) -> Path:
         key_places_total=sum(places.values()),
         key_hits=len(hits),
     )
-    return home
+    return scene, home
 
 
 def claude_shell(command: str) -> Step:
@@ -350,7 +350,7 @@ def test_claude_code_end_to_end_through_the_gateway(scene: Callable[..., Scene])
         session_id=lambda seen: seen.headers["x-claude-code-session-id"],
         sessions=".claude/projects/-workspace/*.jsonl",
     )
-    home = run_end_to_end(scene, vendor)
+    _, home = run_end_to_end(scene, vendor)
     # Claude Code asks `server/discover` first and waits 3 s for a server that ignores it:
     # `forge mcp` answers -32601 at once, so each start connects well inside that.
     connects = []
@@ -362,9 +362,13 @@ def test_claude_code_end_to_end_through_the_gateway(scene: Callable[..., Scene])
     figures("real_agent_claude_mcp", connect_ms=connects)
 
 
+def codex_turn(seen: Seen) -> dict[str, Any]:
+    metadata: dict[str, Any] = json.loads(seen.headers["x-codex-turn-metadata"])
+    return metadata
+
+
 def codex_thread(seen: Seen) -> str:
-    thread: str = json.loads(seen.headers["x-codex-turn-metadata"])["thread_id"]
-    return thread
+    return str(codex_turn(seen)["thread_id"])
 
 
 def codex_shell(command: str) -> Step:
@@ -384,4 +388,8 @@ def test_codex_end_to_end_through_the_gateway(scene: Callable[..., Scene]) -> No
         session_id=codex_thread,
         sessions=".codex/sessions/*/*/*/rollout-*.jsonl",
     )
-    run_end_to_end(scene, vendor)
+    world, _ = run_end_to_end(scene, vendor)
+    # Run 2 loaded the thread from its rollout in the kept HOME, as Codex says of each turn.
+    history = [codex_turn(s)["history_initialization"] for s in world.models.requests]
+    turns = len(first_script(1, codex_shell, vendor.write)), len(second_script(2, codex_shell))
+    assert history == ["new"] * turns[0] + ["cold_resume"] * turns[1], history
