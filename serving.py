@@ -223,7 +223,9 @@ def bind_listener(where: tuple[str, int] | str) -> socket.socket:
     else:
         host, port = where
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP named, as socket.create_server does: asyncio turns Nagle off only for
+        # sockets that say so, and with Nagle on, each answer waits out the peer's delayed ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         address = (host, port)
     try:

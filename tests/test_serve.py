@@ -105,3 +105,30 @@ def test_sighup_rereads_agents_and_keeps_the_old_config_when_the_new_is_bad(
     assert httpx.get(f"{serve.url}/healthz", timeout=10).status_code == 200
     assert serve.stop() == 0
     store.close()
+
+
+def test_answers_are_not_held_back_by_nagle() -> None:
+    # With Nagle's algorithm on, an answer written in two parts waits for the client's delayed
+    # ACK (40 ms on Linux) before its second part leaves: every webhook and API answer did.
+    import asyncio
+
+    from serving import bind_listener
+
+    async def check() -> int:
+        listener = bind_listener(("127.0.0.1", 0))
+        accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket")
+            accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(connected, sock=listener)
+        _, writer = await asyncio.open_connection(*listener.getsockname()[:2])
+        nodelay = await asyncio.wait_for(accepted, 10)
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return nodelay
+
+    assert asyncio.run(check()) == 1
