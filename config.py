@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hmac
 import ipaddress
 import os
@@ -71,13 +72,19 @@ def secret_forms(secrets: Iterable[str]) -> list[tuple[bytes, str]]:
 def redact(text: str, secrets: Iterable[str]) -> str:
     """``text`` with every secret, and each encoding of it ``secret_forms`` knows, as ``***``: the
     one redaction of what leaves forgebottle (logs, and everything the sidecar tells an agent)."""
-    present = sorted({s for s in secrets if s}, key=len, reverse=True)
-    for secret in present:
-        text = text.replace(secret, "***")
-    for form, kind in secret_forms(present):
-        if kind != "forge credential":  # the encodings are ASCII
-            text = text.replace(form.decode(), "***")
+    for form in _redacted_forms(tuple(secrets)):
+        if form in text:
+            text = text.replace(form, "***")
     return text
+
+
+@functools.lru_cache(maxsize=64)
+def _redacted_forms(secrets: tuple[str, ...]) -> tuple[str, ...]:
+    """The strings ``redact`` replaces, longest first; the same few secrets are asked for on
+    every log line and every answer to an agent, so they are worked out once."""
+    present = sorted({s for s in secrets if s}, key=len, reverse=True)
+    encodings = [form.decode() for form, kind in secret_forms(present) if kind != "forge credential"]
+    return (*present, *encodings)
 
 
 @dataclasses.dataclass(frozen=True)
