@@ -214,8 +214,8 @@ class Conversation:
         if progress:
             lines += ["", "**Progress**", "", progress]
         if state.pr_number:
-            pr = f"[#{state.pr_number}]({state.pr_url})" if state.pr_url else f"#{state.pr_number}"
-            lines += ["", f"**Pull request:** {pr}"]
+            # The forge links #N itself.
+            lines += ["", f"**Pull request:** #{state.pr_number}"]
         outcome = self.outcome(state, last)
         if outcome:
             lines += ["", f"**Last run:** {outcome}"]

@@ -19,7 +19,7 @@ from typing import Any
 from config import Config
 from conversation import CI_FIX, Explanation, clean_lines, fence
 from gitea import Forge, ForgeError, ForgeUnavailable, Issue, Job, User
-from statemachine import BottleState
+from statemachine import BottleState, branch_for
 from store import ForgeState, Store
 
 MAX_PROMPT_PART = 32 * 1024
@@ -98,10 +98,11 @@ class Prompt:
 
 @dataclasses.dataclass(frozen=True)
 class CiFailure:
-    """A failed check on the head of a bottle's PR: one fix attempt for ``sha``."""
+    """A failed check on the head of a bottle's PR (or branch): one fix attempt for ``sha``,
+    counted per bottle (its issue)."""
 
     slug: str
-    pr: int
+    issue: int
     sha: str
     source: str
     body: str
@@ -467,9 +468,9 @@ class Rules:
     # -- CI (§4, §12) ----------------------------------------------------------------------
 
     async def on_ci(self, kind: str, owner: str, repo: str, payload: Mapping[str, Any]) -> Decision:
-        """A failure on the head of a bottle's PR asks it for a fix; a success after a fix is
-        noted. CI events may come from anyone (they are the forge's); only the bottle's own PR
-        counts."""
+        """A failure on the head of a bottle's PR (its branch, before the PR is open) asks it
+        for a fix; a success after a fix is noted. CI events may come from anyone (they are the
+        forge's); only the bottle's own branch counts."""
         limit = self.config.ci_max_fix_attempts
         if limit <= 0:
             return Ignore("the CI loop is off (ci.max_fix_attempts = 0)")
@@ -477,15 +478,16 @@ class Rules:
         if check is None:
             return Ignore(f"{kind} names no commit")
         sha = check.sha[:12]
-        state = await self.bottle_for(owner, repo, check)
-        if state is None or state.pr_number is None:
-            return Ignore(f"CI on {sha}: no live bottle's pull request has this commit")
-        pr = await self.forge.read_pr(owner, repo, state.pr_number)
-        if pr.head_sha != check.sha:
+        found = await self.bottle_for(owner, repo, check)
+        if found is None:
+            return Ignore(f"CI on {sha}: no live bottle's branch has this commit")
+        state, head = found
+        branch = branch_for(state.issue_number)
+        if head != check.sha:
             return Ignore(
-                f"CI on {sha} is for an old commit of #{pr.number} (its head is {pr.head_sha[:12]})", state.slug
+                f"CI on {sha} is for an old commit of {branch} (its head is {head[:12] or 'gone'})", state.slug
             )
-        tried = self.store.noted_keys(owner, repo, pr.number, CI_FIX)
+        tried = self.store.noted_keys(owner, repo, state.issue_number, CI_FIX)
         if not check.failed:
             if not tried or check.sha in tried:
                 return Ignore(f"CI passed on {sha}: no fix to note", state.slug)
@@ -496,7 +498,7 @@ class Rules:
             return Ignore(f"CI failure on {sha} was already sent to {state.slug}", state.slug)
         if len(tried) >= limit:
             return Ignore(
-                f"CI failed on {sha} but #{pr.number} has had its {limit} fix attempt(s) (ci.max_fix_attempts)",
+                f"CI failed on {sha} but {state.slug} has had its {limit} fix attempt(s) (ci.max_fix_attempts)",
                 state.slug,
             )
         job = await self.failed_job(owner, repo, check)
@@ -509,47 +511,53 @@ class Rules:
             except ForgeError:
                 raw = []
             lines = clean_lines(raw, self.config.secrets(), limit=CI_LOG_LINES)
-        name = job.name if job is not None and job.name else check.name
+        name = plain(job.name if job is not None and job.name else check.name)
         url = check.url or (job.html_url if job is not None else "")
         attempt = len(tried) + 1
-        parts = [
-            f"### CI failed on your pull request #{pr.number}",
-            "",
-            f"The check `{plain(name)}` failed on `{sha}`, the head of {pr.head}."
-            + (f" It says: {plain(check.description)}" if check.description else ""),
-        ]
+        where = f"your pull request #{state.pr_number}" if state.pr_number else f"your branch {branch}"
+        said = f" It says: {plain(check.description)}" if check.description else ""
+        parts = [f"### CI failed on {where}", "", f"The check `{name}` failed on `{sha}`, the head of {branch}.{said}"]
         if url:
             parts.append(f"Details: {plain(url, 500)}")
         if job is not None:
             parts += ["", f"The last lines of its log (job {job.id}; `forge job-log {job.id}` shows more):", ""]
             parts.append(fence(lines) if lines else "(the log is empty)")
         parts += ["", f"Fix it, push, and finish with `forge done` (fix attempt {attempt} of {limit})."]
-        where = "rehydrate queued" if state.status is BottleState.FROZEN else "kept as the pending CI prompt"
+        queued = "rehydrate queued" if state.status is BottleState.FROZEN else "kept as the pending CI prompt"
         return CiFailure(
             state.slug,
-            pr.number,
+            state.issue_number,
             check.sha,
-            source=f"{kind} {plain(name)} failed on {sha}",
+            source=f"{kind} {name} failed on {sha}",
             body="\n".join(parts),
-            reason=f"{where}: {plain(name)} failed on {sha} (fix attempt {attempt} of {limit} for #{pr.number})",
+            reason=f"{queued}: {name} failed on {sha} (fix attempt {attempt} of {limit} for {state.slug})",
         )
 
-    async def bottle_for(self, owner: str, repo: str, check: Check) -> ForgeState | None:
-        """The live bottle whose PR the check is about: named by the payload's PR or branch, or
-        (a status names neither) the one whose PR's head is the check's commit."""
+    async def head_of(self, state: ForgeState) -> str:
+        """The commit CI must be about: the PR's head, or the branch's before the PR is open."""
+        if state.pr_number:
+            return (await self.forge.read_pr(state.owner, state.repo, state.pr_number)).head_sha
+        return await self.forge.branch_sha(state.owner, state.repo, branch_for(state.issue_number)) or ""
+
+    async def bottle_for(self, owner: str, repo: str, check: Check) -> tuple[ForgeState, str] | None:
+        """The live bottle the check is about and its head: named by the payload's PR or branch,
+        or (a status names neither) the one whose head is the check's commit."""
+        state: ForgeState | None = None
+        match = re.fullmatch(r"bot-bottle/issue-(\d+)", check.branch)
         if check.pr:
             state = self.store.by_pr(owner, repo, check.pr)
-            return state if state is not None and state.status.live else None
-        match = re.fullmatch(r"bot-bottle/issue-(\d+)", check.branch)
-        if match:
+        elif match:
             state = self.store.get(owner, repo, int(match.group(1)))
-            return state if state is not None and state.status.live else None
-        for state in self.store.all(live_only=True):
-            if (state.owner, state.repo) != (owner, repo) or not state.pr_number:
-                continue
-            if (await self.forge.read_pr(owner, repo, state.pr_number)).head_sha == check.sha:
-                return state
-        return None
+        else:
+            for candidate in self.store.all(live_only=True):
+                if (candidate.owner, candidate.repo) == (owner, repo):
+                    head = await self.head_of(candidate)
+                    if head == check.sha:
+                        return candidate, head
+            return None
+        if state is None or not state.status.live:
+            return None
+        return state, await self.head_of(state)
 
     async def failed_job(self, owner: str, repo: str, check: Check) -> Job | None:
         """The Actions job behind a failed check, if it is one (for its log)."""

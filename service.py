@@ -38,7 +38,7 @@ from bottles import (
     find_bwrap,
 )
 from config import Config, ConfigError, redact
-from conversation import Conversation, checks, job_log
+from conversation import CI_FIX, Conversation, checks, job_log
 from gitea import Forge, ForgeAuthError, ForgeError, ForgeUnavailable, PullRequest, Repo, ScopedForge, User
 from metrics import Metrics
 from rules import CI_PROMPT, CiFailure, CiPassed, Decision, Destroy, Ignore, Launch, Link, Prompt, Rules
@@ -399,7 +399,7 @@ class Service:
     def _ci_failure(self, failure: CiFailure, at: str, db: Any) -> None:
         """One fix attempt for the PR head; a CI prompt still waiting is replaced (coalesced)."""
         state = self.known(failure.slug)
-        self.store.note(state.owner, state.repo, failure.pr, "ci-fix", failure.sha, failure.slug, at=at, db=db)
+        self.store.note(state.owner, state.repo, state.issue_number, CI_FIX, failure.sha, failure.slug, at=at, db=db)
         self.store.drop_pending(failure.slug, CI_PROMPT, db)
         self.store.add_pending(failure.slug, at=at, trigger=CI_PROMPT, source=failure.source, body=failure.body, db=db)
 
