@@ -541,7 +541,8 @@ class Rules:
 
     async def bottle_for(self, owner: str, repo: str, check: Check) -> tuple[ForgeState, str] | None:
         """The live bottle the check is about and its head: named by the payload's PR or branch,
-        or (a status names neither) the one whose head is the check's commit."""
+        or (a status names neither) the one whose head, or an earlier failing head, is the
+        check's commit."""
         state: ForgeState | None = None
         match = re.fullmatch(r"bot-bottle/issue-(\d+)", check.branch)
         if check.pr:
@@ -550,10 +551,12 @@ class Rules:
             state = self.store.get(owner, repo, int(match.group(1)))
         else:
             for candidate in self.store.all(live_only=True):
-                if (candidate.owner, candidate.repo) == (owner, repo):
-                    head = await self.head_of(candidate)
-                    if head == check.sha:
-                        return candidate, head
+                if (candidate.owner, candidate.repo) != (owner, repo):
+                    continue
+                head = await self.head_of(candidate)
+                # An old commit is known by the fix it already asked for.
+                if check.sha in (head, *self.store.noted_keys(owner, repo, candidate.issue_number, CI_FIX)):
+                    return candidate, head
             return None
         if state is None or not state.status.live:
             return None
