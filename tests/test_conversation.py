@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -38,7 +39,9 @@ def the_status(rig: Rig, issue: int, *, says: str, timeout: float = 30.0) -> str
         assert len(found) <= 1, [c.body for c in found]
         return found[0].body if found and says in found[0].body else None
 
-    return wait_until(check, timeout=timeout, what=f"the status comment of #{issue} to say {says!r}")
+    body = wait_until(check, timeout=timeout, what=f"the status comment of #{issue} to say {says!r}")
+    assert body is not None
+    return body
 
 
 def explanations(rig: Rig, issue: int) -> list[str]:
@@ -234,7 +237,7 @@ def test_a_live_bottle_is_explained_when_another_agent_is_asked_for(quick: Rig) 
 @pytest.mark.parametrize("how", ["exec", "shell"])
 def test_a_missing_agent_command_is_explained_once(rig_factory: Callable[..., Rig], how: str) -> None:
     rig = rig_factory(status_edit_interval=0.3)
-    sandbox = "bwrap" if HAVE_BWRAP else "none"
+    sandbox: Literal["bwrap", "none"] = "bwrap" if HAVE_BWRAP else "none"
     if how == "exec":
         command: tuple[str, ...] = ("claude-not-installed", "-p", "{prompt}")
     else:
