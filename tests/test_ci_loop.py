@@ -12,8 +12,11 @@ import pytest
 
 import devforge as df
 from statemachine import BottleState
-from tests.conftest import WEBHOOK_SECRET, Forge, Rig, read_when, serve_forge, wait_until
+from tests.conftest import WEBHOOK_SECRET, Forge, Rig, needs_bwrap, read_when, serve_forge, wait_until
 from tests.test_conversation import assert_nothing_of_the_record, status_comments, the_status
+from tests.test_sidecar import AWS_KEY, Sidecar, running
+
+__all__ = ["running"]  # the fixture, from test_sidecar
 
 HOOK_EVENTS = (
     "issues",
@@ -190,3 +193,68 @@ def test_after_a_human_push_to_the_bot_branch_refresh_then_push_succeeds(rig_fac
         ("ok", "refreshed bot-bottle/issue-1 and its base from the forge")
     ]
     wait_until(lambda: rig.store.runs(state.slug)[-1]["signalled_status"] == "success", what="run 2 done")
+
+
+# -- the new sidecar methods, attacked as an agent would ------------------------------------
+
+
+def test_progress_checks_and_logs_refuse_what_an_agent_should_not_get(running: Callable[..., Sidecar]) -> None:
+    sc = running(status_edit_interval=0.3)
+    dev, owner, repo = sc.rig.forge.dev, sc.rig.forge.owner, sc.rig.forge.repo
+    issue = sc.state.issue_number
+    # A secret in the progress text is refused like one in a comment: nothing reaches the forge.
+    assert sc.code("update_progress", body=f"- [x] found {AWS_KEY}") == -32005
+    assert sc.code("update_progress", body="x" * (16 * 1024 + 1)) == -32602
+    url = sc.ok("update_progress", body="- [ ] a step")["html_url"]
+    body = the_status(sc.rig, issue, says="- [ ] a step")
+    assert "AKIA" not in body and url.endswith(str(status_comments(sc.rig, issue)[0].id))
+
+    # A job of another repository is not this bottle's to read, whatever its id.
+    dev.create_repo(owner, "private", {"README.md": "x\n"})
+    elsewhere = dev.run_workflow(owner, "private", "main", {"build": "failure"}, log="private words\n")
+    answer = sc.call("read_job_log", job_id=elsewhere.jobs[0].id)
+    assert answer["error"] == {"code": -32002, "message": "not found on the forge"}
+    # A huge log is read as a bounded tail, however many lines are asked for.
+    main = dev.branch_sha(dev.repo(owner, repo), "main")
+    mine = dev.run_workflow(owner, repo, main, {"test": "failure"}, log="".join(f"l{i}\n" for i in range(100_000)))
+    log = sc.ok("read_job_log", job_id=mine.jobs[0].id, tail_lines=2**31 - 1)
+    assert len(log["lines"]) == 1000 and log["lines"][-1] == "l99999"
+    # A ref that tries to climb out of the repository's routes names nothing.
+    for ref in ("../../../user", "main/../../x", "%2e%2e"):
+        assert sc.call("read_checks", ref=ref)["error"]["message"] == "not found on the forge", ref
+    checks = sc.ok("read_checks", ref=main)
+    assert [(c["state"], c["job_id"]) for c in checks] == [("failure", mine.jobs[0].id)]
+    ops = [(op, outcome) for op, outcome, _ in sc.ops() if op in ("update_progress", "read_job_log", "read_checks")]
+    assert ops[:3] == [("update_progress", "denied"), ("update_progress", "error"), ("update_progress", "ok")]
+
+
+@needs_bwrap
+def test_refresh_cannot_write_the_mirror_through_hooks_or_a_symlinked_git_dir(
+    running: Callable[..., Sidecar],
+) -> None:
+    sc = running()
+    sc.commit({"a.txt": "a\n"})
+    assert sc.ok("push")["branch"] == "bot-bottle/issue-1"
+    mirror = sc.rig.state_dir / "bottles" / sc.state.slug / "mirror.git"
+    before = sorted(str(p.relative_to(mirror)) for p in mirror.rglob("*"))
+    # A hook the agent planted runs inside the sandbox, where the mirror is read-only.
+    hook = sc.workspace / ".git" / "hooks" / "reference-transaction"
+    hook.write_text("#!/bin/sh\ntouch /run/mirror/pwned 2>/dev/null\nls /run > /workspace/hook-saw\nexit 0\n")
+    hook.chmod(0o755)
+    main = sc.rig.forge.dev.branch_sha(sc.rig.forge.dev.repo(sc.rig.forge.owner, sc.rig.forge.repo), "main")
+    pushed = sc.rig.forge.dev.branch_sha(
+        sc.rig.forge.dev.repo(sc.rig.forge.owner, sc.rig.forge.repo), "bot-bottle/issue-1"
+    )
+    assert sc.ok("refresh") == {"branch_sha": pushed, "base_sha": main}
+    assert "mirror" in (sc.workspace / "hook-saw").read_text().split()
+    # The workspace's git dir made a link to the mirror: the fetch fails, the mirror is as it was.
+    hook.unlink()
+    real = sc.workspace / ".git-real"
+    (sc.workspace / ".git").rename(real)
+    (sc.workspace / ".git").symlink_to("/run/mirror")
+    answer = sc.call("refresh")
+    assert answer["error"]["message"] == "the workspace could not fetch from forgebottle's mirror"
+    (sc.workspace / ".git").unlink()
+    real.rename(sc.workspace / ".git")
+    assert not (mirror / "pwned").exists()
+    assert sorted(str(p.relative_to(mirror)) for p in mirror.rglob("*")) == before
