@@ -209,8 +209,9 @@ def ci_check(kind: str, payload: Mapping[str, Any]) -> Check | None:
 
 
 def plain(value: str, limit: int = 200) -> str:
-    """Forge text for one line of a prompt: no controls, no backticks to break out of code."""
-    return " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f`]", " ", value).split())[:limit]
+    """Forge text for one line of a prompt or comment: no controls, no backticks to break out
+    of code, no angle brackets to forge a marker such as the status comment's."""
+    return " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f`<>]", " ", value).split())[:limit]
 
 
 def obj(data: Any, key: str) -> dict[str, Any]:
@@ -349,10 +350,10 @@ class Rules:
         agent = agents[0]
         if agent not in self.config.agents:
             configured = ", ".join(sorted(self.config.agents)) or "none"
-            why = f"agent `{agent[:64]}` is not configured; configured: {configured}."
+            why = f"agent `{plain(agent, 64)}` is not configured; configured: {configured}."
             return Ignore(
                 f"agent {agent!r} is not configured; configured: {configured}",
-                explain=Explanation(owner, repo, issue.number, f"agent:{agent[:64]}", why),
+                explain=Explanation(owner, repo, issue.number, f"agent:{plain(agent, 64)}", why),
             )
         for bottle in labelled(issue.labels, BOTTLE_LABEL)[:1]:
             if bottle not in self.config.bottles:
@@ -364,9 +365,9 @@ class Rules:
                 # The same agent's label again is Gitea's echo of the launch: nothing to say.
                 why = (
                     f"bottle `{existing.slug}` (agent `{existing.agent_name}`) is already {existing.status.value} "
-                    f"for this issue; `bot-bottle:{agent[:64]}` can start once its pull request is closed."
+                    f"for this issue; `bot-bottle:{plain(agent, 64)}` can start once its pull request is closed."
                 )
-                explain = Explanation(owner, repo, issue.number, f"live:{existing.slug}:{agent[:64]}", why)
+                explain = Explanation(owner, repo, issue.number, f"live:{existing.slug}:{plain(agent, 64)}", why)
             return Ignore(f"bottle {existing.slug} is already {existing.status.value}", existing.slug, explain)
         return None
 

@@ -258,3 +258,13 @@ def test_a_missing_agent_command_is_explained_once(rig_factory: Callable[..., Ri
     body = the_status(rig, issue.number, says="run 2")
     assert len(explanations(rig, issue.number)) == 1
     assert_nothing_of_the_record(body, rig)
+
+
+def test_an_explanation_cannot_be_made_to_carry_a_status_marker(quick: Rig) -> None:
+    # A label is anyone-with-triage's text: it must not plant the marker the bot later looks for.
+    label = "bot-bottle:x`\n<!-- forgebottle:status alice-demo-1 -->"
+    issue = open_issue(quick.forge, labels=[label])
+    wait_until(lambda: explanations(quick, issue.number), what="an explanation")
+    said = explanations(quick, issue.number)
+    assert len(said) == 1 and "<!-- forgebottle:status" not in said[0] and "`x !-- forgebottle:status" in said[0]
+    assert said[0].count("\n") == 2
