@@ -31,7 +31,7 @@ from typing import Any
 from config import Config, redact
 from gitea import Forge, ForgeError, ForgeNotFound, ScopedForge
 from statemachine import BottleState, branch_for
-from store import ForgeState, Store
+from store import ForgeState, Store, genesis
 
 log = logging.getLogger("forgebottle.conversation")
 
@@ -44,6 +44,8 @@ EXPLAINED = "explained"
 CI_FIX = "ci-fix"
 
 MAX_PROGRESS_BYTES = 16 * 1024
+ANCHOR_TITLE = "Provenance chain head at each freeze (`forgebottle provenance --verify` checks the record against it):"
+_ANCHOR_LINE = re.compile(r"^- run (\d{1,9}): `([0-9a-f]{64})`$", re.MULTILINE)
 MAX_SUMMARY_CHARS = 500
 LOG_LINES = 40
 MAX_LOG_LINE = 300
@@ -222,9 +224,9 @@ class Conversation:
         ci = self.store.noted(*key, CI_NOTE, state.slug)
         if ci:
             lines += ["", f"**CI:** {ci}"]
-        anchor = self.store.noted(*key, ANCHOR, state.slug)
-        if anchor:
-            lines += ["", f"Provenance chain head at the last freeze: `{anchor}`"]
+        anchors = self.anchors(state)
+        if anchors:
+            lines += ["", ANCHOR_TITLE, ""] + [f"- run {n}: `{head}`" for n, head in anchors]
         if self.config.public_url:
             lines += ["", f"[This bottle on forgebottle]({self.config.public_url}/bottles/{state.slug})"]
         return "\n".join(lines) + "\n"
@@ -260,12 +262,18 @@ class Conversation:
         self.touch(state.slug)
 
     def anchor(self, state: ForgeState) -> None:
-        """``provenance.anchor = "forge"``: the chain head goes into the status comment."""
-        if self.config.anchor == "forge" and state.chain_head:
-            self.store.note(*self._key(state), ANCHOR, state.slug, state.chain_head, at=_now())
+        """``provenance.anchor = "forge"``: at a freeze, the chain head after that run goes into
+        the status comment, so a copy lives off this host."""
+        last = self.store.last_run(state.slug)
+        if self.config.anchor == "forge" and last is not None:
+            head = state.chain_head or genesis(state.slug)
+            self.store.note(*self._key(state), ANCHOR, f"{state.slug}#{last['n']}", head, at=_now())
 
-    def anchored(self, state: ForgeState) -> str | None:
-        return self.store.noted(*self._key(state), ANCHOR, state.slug)
+    def anchors(self, state: ForgeState) -> list[tuple[int, str]]:
+        prefix = f"{state.slug}#"
+        keys = [k for k in self.store.noted_keys(*self._key(state), ANCHOR) if k.startswith(prefix)]
+        found = [(int(k[len(prefix) :]), self.store.noted(*self._key(state), ANCHOR, k) or "") for k in keys]
+        return sorted(found)
 
     # -- explain -------------------------------------------------------------------------
 
@@ -379,3 +387,23 @@ async def job_log(scoped: ScopedForge, job_id: int, tail_lines: int, secrets: Se
         "conclusion": job.conclusion,
         "lines": clean_lines(raw, secrets, limit=tail),
     }
+
+
+async def verify_anchor(forge: Forge, store: Store, slug: str) -> list[str]:
+    """Compare the stored chain with the heads anchored in the bot's own status comment; what
+    disagrees, by run ([] when all agree). Forge errors are the caller's to report."""
+    state = store.known(slug)
+    comment = await forge.find_comment(state.owner, state.repo, state.issue_number, marker(slug))
+    if comment is None:
+        return [f"no status comment for {slug} on {state.owner}/{state.repo}#{state.issue_number}"]
+    anchored = [(int(n), head) for n, head in _ANCHOR_LINE.findall(comment.body)]
+    if not anchored:
+        return [f"the status comment of {slug} holds no anchor"]
+    ops = store.operations(slug)
+    problems = []
+    for n, head in anchored:
+        upto = [op for op in ops if op.run <= n]
+        stored = upto[-1].hash if upto else genesis(slug)
+        if stored != head:
+            problems.append(f"run {n}: the record's chain head {stored[:16]} is not the forge's anchor {head[:16]}")
+    return problems

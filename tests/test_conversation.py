@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +19,8 @@ import pytest
 import devforge as df
 from config import AgentSpec, BottleSpec
 from statemachine import BottleState
-from tests.conftest import HAVE_BWRAP, Forge, Rig, open_issue, serve_forge, wait_until
+from store import chain_hash, genesis
+from tests.conftest import HAVE_BWRAP, ROOT, Forge, Rig, open_issue, serve_forge, wait_until
 
 MARK = "<!-- forgebottle:status "
 EXPLAIN = "<!-- forgebottle:explain -->"
@@ -268,3 +273,60 @@ def test_an_explanation_cannot_be_made_to_carry_a_status_marker(quick: Rig) -> N
     said = explanations(quick, issue.number)
     assert len(said) == 1 and "<!-- forgebottle:status" not in said[0] and "`x !-- forgebottle:status" in said[0]
     assert said[0].count("\n") == 2
+
+
+# -- the anchor (opt-in) -------------------------------------------------------------------------
+
+
+def provenance_verify(rig: Rig, slug: str, home: Path) -> subprocess.CompletedProcess[str]:
+    config = home / "anchor.toml"
+    config.write_text(
+        f'[forge]\napi_url = "{rig.forge.api}"\n[server]\nstate_dir = "{rig.state_dir}"\n'
+        '[provenance]\nanchor = "forge"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORGE")}
+    env["FORGE_TOKEN"] = rig.forge.world.bot.token
+    return subprocess.run(
+        [sys.executable, str(ROOT / "forgebottle.py"), "provenance", "--config", str(config), slug, "--verify"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_an_edited_and_rehashed_chain_is_caught_by_the_anchor_on_the_forge(
+    rig_factory: Callable[..., Rig], short_tmp: Path
+) -> None:
+    rig = rig_factory(status_edit_interval=0.3, anchor="forge").start()
+    issue, state = rig.run_once("happy")
+    assert state.pr_number is not None
+    rig.forge.dev.comment(
+        rig.forge.owner, rig.forge.repo, state.pr_number, "PLEASE-MORE", user=rig.forge.world.member.login
+    )
+    rig.wait_state(issue.number, BottleState.FROZEN, runs=2)
+    body = the_status(rig, issue.number, says="- run 2: `")
+    assert "- run 1: `" in body
+    good = provenance_verify(rig, state.slug, short_tmp)
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.splitlines()[-1] == f"{state.slug}: the forge's anchor agrees"
+
+    # Someone with the database rewrites what run 1 did and recomputes every hash after it.
+    ops = rig.store.operations(state.slug)
+    head = genesis(state.slug)
+    with rig.store.transaction() as db:
+        for op in ops:
+            if op.seq == 1:
+                op = dataclasses.replace(op, detail="read nothing at all")
+            op = dataclasses.replace(op, hash=chain_hash(head, op))
+            head = op.hash
+            db.execute(
+                "UPDATE operations SET detail = ?, hash = ? WHERE slug = ? AND seq = ?",
+                (op.detail, op.hash, state.slug, op.seq),
+            )
+        db.execute("UPDATE forge_state SET chain_head = ? WHERE slug = ?", (head, state.slug))
+    assert rig.store.verify(state.slug).verified  # the record alone cannot tell
+    bad = provenance_verify(rig, state.slug, short_tmp)
+    assert bad.returncode == 1
+    assert "the forge's anchor disagrees: run 1: the record's chain head" in bad.stderr
+    assert "run 2: the record's chain head" in bad.stderr
