@@ -107,11 +107,13 @@ class CiFailure:
     source: str
     body: str
     reason: str
+    note: str = ""  # for the status comment
 
 
 @dataclasses.dataclass(frozen=True)
-class CiPassed:
-    """Checks passed on the head of a PR the bot tried to fix: noted in the status comment."""
+class CiNote:
+    """What CI says of a PR the bot tried to fix, for the status comment: passing again, or
+    failing with no fix attempt left."""
 
     slug: str
     sha: str
@@ -132,7 +134,7 @@ class Destroy:
     reason: str
 
 
-Decision = Ignore | Launch | Prompt | Link | Destroy | CiFailure | CiPassed
+Decision = Ignore | Launch | Prompt | Link | Destroy | CiFailure | CiNote
 
 
 # -- reading untrusted payloads ---------------------------------------------------------
@@ -494,13 +496,15 @@ class Rules:
                 return Ignore(f"CI passed on {sha}: no fix to note", state.slug)
             n = len(tried)
             note = f"passing on `{sha}` after {n} fix attempt{'s' if n > 1 else ''}."
-            return CiPassed(state.slug, check.sha, note, f"CI passed on {sha} after a fix ({state.slug})")
+            return CiNote(state.slug, check.sha, note, f"CI passed on {sha} after a fix ({state.slug})")
         if check.sha in tried:
             return Ignore(f"CI failure on {sha} was already sent to {state.slug}", state.slug)
         if len(tried) >= limit:
-            return Ignore(
-                f"CI failed on {sha} but {state.slug} has had its {limit} fix attempt(s) (ci.max_fix_attempts)",
+            return CiNote(
                 state.slug,
+                check.sha,
+                f"`{plain(check.name)}` failed on `{sha}`; the {limit} fix attempt(s) are used up: over to a human.",
+                f"CI failed on {sha} but {state.slug} has had its {limit} fix attempt(s) (ci.max_fix_attempts)",
             )
         job = await self.failed_job(owner, repo, check)
         lines: list[str] = []
@@ -532,6 +536,7 @@ class Rules:
             source=f"{kind} {name} failed on {sha}",
             body="\n".join(parts),
             reason=f"{queued}: {name} failed on {sha} (fix attempt {attempt} of {limit} for {state.slug})",
+            note=f"`{name}` failed on `{sha}`; fix attempt {attempt} of {limit}.",
         )
 
     async def head_of(self, state: ForgeState) -> str:

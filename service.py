@@ -41,7 +41,7 @@ from config import Config, ConfigError, redact
 from conversation import CI_FIX, Conversation, checks, job_log
 from gitea import Forge, ForgeAuthError, ForgeError, ForgeUnavailable, PullRequest, Repo, ScopedForge, User
 from metrics import Metrics
-from rules import CI_PROMPT, CiFailure, CiPassed, Decision, Destroy, Ignore, Launch, Link, Prompt, Rules
+from rules import CI_PROMPT, CiFailure, CiNote, Decision, Destroy, Ignore, Launch, Link, Prompt, Rules
 from serving import UnixServer
 from sidecar import WRITES, sidecar_app
 from statemachine import Bottle, BottleState, ForgeBottleError, Trigger, branch_for, fire
@@ -55,6 +55,8 @@ FORGE_PROBE_SECONDS = 30.0
 # burst of webhooks in first (no arrival for INTAKE_QUIET), but never waits past MAX_DEFERRAL.
 INTAKE_QUIET = 0.02
 MAX_DEFERRAL = 2.0
+# A run that fails within this many seconds may have failed to start (its command missing).
+START_WINDOW = 30.0
 
 OVERLAY = """\
 You are an agent working in a forgebottle bottle on {owner}/{repo}, issue #{issue}.
@@ -414,9 +416,7 @@ class Service:
             talk.acknowledge(state.owner, state.repo, issue=issue, comment_id=comment, slug=slug)
         elif isinstance(decision, Ignore) and decision.explain is not None:
             await talk.explain(decision.explain, slug)
-        elif isinstance(decision, CiFailure) and state is not None:
-            talk.note_ci(state, f"failing on `{decision.sha[:12]}`: {decision.source.split(' ', 1)[-1]}.")
-        elif isinstance(decision, CiPassed) and state is not None:
+        elif isinstance(decision, (CiFailure, CiNote)) and state is not None:
             talk.note_ci(state, decision.note)
 
     def _create(self, launch: Launch, at: str, db: Any) -> str:
@@ -640,7 +640,8 @@ class Service:
                 state = self.store.by_slug(slug)
                 if state is not None and state.status is BottleState.RUNNING:
                     self._transition(state, trigger, reason)
-                    if trigger is Trigger.EXITED and code != 0 and not self._stopping:
+                    quick = time.monotonic() - active.started < START_WINDOW
+                    if trigger is Trigger.EXITED and code != 0 and quick and not self._stopping:
                         await self.conversation.start_failed(
                             state, active.run, log=active.ctx.paths.run_log(active.run), code=code
                         )

@@ -160,8 +160,8 @@ def test_no_fix_past_max_fix_attempts(rig_factory: Callable[..., Rig]) -> None:
     assert len(rig.store.runs(state.slug)) == 2
     assert rig.store.pending(state.slug) == []
     assert len(rig.store.noted_keys(owner, repo, issue.number, "ci-fix")) == 1
-    body = the_status(rig, issue.number, says="fixed the failing test")
-    assert "failing on" in body
+    body = the_status(rig, issue.number, says="are used up")
+    assert "failed on `" in body and "; the 1 fix attempt(s) are used up: over to a human." in body
 
 
 def test_the_ci_loop_can_be_turned_off(rig_factory: Callable[..., Rig]) -> None:
