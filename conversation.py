@@ -235,6 +235,8 @@ class Conversation:
         if run is None or (run["ended_at"] is None and state.status is BottleState.RUNNING):
             return ""
         n = run["n"]
+        if run.get("error") == "orchestrator restarted":
+            return f"run {n} was interrupted: forgebottle restarted."
         if run.get("error"):
             return f"run {n} could not start; the operator's log says why."
         if run.get("watchdog_fired"):
@@ -246,6 +248,9 @@ class Conversation:
             return f"run {n} ended: **{run['signalled_status']}**: {summary}"
         if run["ended_at"] is None:
             return f"run {n} was interrupted."
+        transitions = self.store.transitions(state.slug)
+        if transitions and transitions[-1]["reason"] == "orchestrator stopped":
+            return f"run {n} was stopped: forgebottle stopped."
         return f"run {n}: the agent exited (code {run['exit_code']}) without saying it was done."
 
     async def progress(self, state: ForgeState, body: str) -> str:

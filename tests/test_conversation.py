@@ -330,3 +330,24 @@ def test_an_edited_and_rehashed_chain_is_caught_by_the_anchor_on_the_forge(
     assert bad.returncode == 1
     assert "the forge's anchor disagrees: run 1: the record's chain head" in bad.stderr
     assert "run 2: the record's chain head" in bad.stderr
+
+
+def test_a_run_cut_short_by_a_stop_says_so_and_the_next_start_edits_the_same_comment(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    rig = rig_factory(status_edit_interval=0.3).start()
+    issue = rig.open_issue("turns")
+    rig.wait_state(issue.number, BottleState.RUNNING, runs=1)
+    the_status(rig, issue.number, says="**running** · run 1")
+    rig.server.stop()  # a graceful stop: the agent is stopped, the last edit lands before exit
+    body = the_status(rig, issue.number, says="**frozen**", timeout=5)
+    assert "**Last run:** run 1 was stopped: forgebottle stopped." in body
+    again = Rig(rig.forge, rig.state_dir, status_edit_interval=0.3)
+    try:
+        again.start()
+        rig.forge.dev.comment(rig.forge.owner, rig.forge.repo, issue.number, "go on", user=rig.forge.world.member.login)
+        again.wait_state(issue.number, BottleState.RUNNING, runs=2)
+        the_status(again, issue.number, says="**running** · run 2")
+        assert len(status_comments(again, issue.number)) == 1
+    finally:
+        again.stop()
