@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -351,3 +351,34 @@ def test_a_run_cut_short_by_a_stop_says_so_and_the_next_start_edits_the_same_com
         assert len(status_comments(again, issue.number)) == 1
     finally:
         again.stop()
+
+
+QUIET_AGENT = """#!/bin/sh
+forge whoami > /dev/null
+forge done success "quiet run"
+"""
+
+
+def test_a_forge_that_refuses_the_conversation_never_breaks_a_run(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(scripts={"quiet": QUIET_AGENT}, status_edit_interval=0.3).start()
+    dev = rig.forge.dev
+    refused: list[str] = []
+
+    def refuse(request: Any) -> int | None:
+        path = request.url.path
+        if request.method in ("POST", "PATCH") and ("/comments" in path or "/reactions" in path):
+            refused.append(f"{request.method} {path}")
+            return 500
+        return None
+
+    dev.fault = refuse
+    issue, state = rig.run_once("quiet")
+    assert rig.store.runs(state.slug)[0]["signalled_status"] == "success"
+    wait_until(lambda: any("/comments" in r for r in refused), what="the status comment to be tried")
+    assert any("/reactions" in r for r in refused)
+    assert status_comments(rig, issue.number) == []
+    # The forge takes comments again: the next move posts the one status comment.
+    dev.fault = None
+    dev.comment(rig.forge.owner, rig.forge.repo, issue.number, "again", user=rig.forge.world.member.login)
+    rig.wait_state(issue.number, BottleState.FROZEN, runs=2)
+    the_status(rig, issue.number, says="**frozen** · run 2")
