@@ -69,6 +69,9 @@ You hold no forge credentials: reach the forge only with the `forge` tool on you
   forge describe N TEXT            replace your issue's or PR's description
   forge push                       push your committed HEAD to {branch} (secret-scanned)
   forge open-pr --title T --body TEXT
+  forge progress TEXT              show your progress (e.g. a checklist) in the bot's status comment
+  forge checks [REF]               CI results of your PR's head; forge job-log ID: the end of a job's log
+  forge refresh                    fetch your branch and its base from the forge as origin/*
   forge done success|failure|blocked "summary"
 
 The same calls are MCP tools: /run/forge/mcp.json configures any MCP client to run `forge mcp`.
