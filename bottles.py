@@ -75,6 +75,7 @@ IN_EGRESS_SOCKET = f"{IN_FORGE_DIR}/egress.sock"
 GATEWAY_LISTEN = "127.0.0.1:3128"
 GATEWAY_URL = f"http://{GATEWAY_LISTEN}"
 MODEL_PLACEHOLDER = "forgebottle-gateway"  # the only model key a bottle ever sees
+IN_MIRROR = "/run/mirror"
 
 
 class BottleError(ForgeBottleError):
@@ -626,6 +627,47 @@ class Backend(abc.ABC):
         if signature not in BUNDLE_SIGNATURES or filtered:
             raise PushFailed("the workspace did not yield a git bundle", detail=f"bundle starts {signature[:16]!r}")
         return sha, copy
+
+    async def refresh(self, ctx: BottleContext) -> dict[str, str]:
+        """``refresh``: the mirror fetches the forge; then, inside the sandbox like the bundle
+        step, the workspace fetches the bottle's branch and its base from the mirror (bound
+        read-only) as ``refs/remotes/origin/*``. The host never runs git in the workspace."""
+        async with _stage("the forge's repository could not be fetched; try again later"):
+            mirror = await self.sync_mirror(ctx)
+        shas: dict[str, str] = {}
+        specs: list[str] = []
+        for name in (ctx.branch, ctx.default_branch):
+            shas[name] = await run_git(["-C", mirror, "rev-parse", "--verify", "-q", f"refs/heads/{name}"], check=False)
+            if shas[name]:
+                specs.append(f"+refs/heads/{name}:refs/remotes/origin/{name}")
+        script = 'git fetch -q --no-tags --no-write-fetch-head "$0" "$@"'
+        if ctx.sandboxed:
+            if ctx.bwrap is None:
+                raise SandboxUnavailable("bwrap is not installed")
+            binds = [("--bind", str(ctx.paths.workspace), IN_WORKSPACE), ("--ro-bind", mirror, IN_MIRROR)]
+            argv = [*bwrap_argv(ctx.bwrap, network="none", binds=binds), "/bin/sh", "-c", script, IN_MIRROR, *specs]
+            env, cwd = git_env(), None
+        else:
+            argv = ["/bin/sh", "-c", script, mirror, *specs]
+            env, cwd = {**git_env(), "GIT_DIR": ".git"}, str(ctx.paths.workspace)
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            env=env,
+            cwd=cwd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), GIT_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise PushFailed("the refresh timed out", detail=f"git fetch ran over {GIT_TIMEOUT:.0f}s") from None
+        if proc.returncode != 0:
+            detail = f"fetch in the sandbox exited {proc.returncode}: {err[-2048:].decode(errors='replace').strip()}"
+            raise PushFailed("the workspace could not fetch from forgebottle's mirror", detail=detail)
+        return {"branch_sha": shas[ctx.branch], "base_sha": shas[ctx.default_branch]}
 
     async def push(self, ctx: BottleContext, *, forbidden: Sequence[str]) -> PushResult:
         """Push the workspace HEAD to the bottle's branch, after the secret scan.

@@ -249,13 +249,15 @@ ENV_API_TOKEN = "FORGEBOTTLE_API_TOKEN"
 ENV_API_TOKEN_FILE = "FORGEBOTTLE_API_TOKEN_FILE"
 ENV_CONFIG = "FORGEBOTTLE_CONFIG"
 
-_TOP_KEYS = {"forge", "watchdog", "server", "sidecar", "agents", "bottles", "egress", "models"}
+_TOP_KEYS = {"forge", "watchdog", "server", "sidecar", "agents", "bottles", "egress", "models", "ci", "provenance"}
 _SECTION_KEYS = {
     "forge": {"api_url", "token_file", "webhook_secret_file", "org", "timeout"},
     "watchdog": {"timeout", "interval"},
     "server": {"state_dir", "listen", "api_token_file", "max_running", "event_retries", "public_url"},
     "sidecar": {"writes_per_hour", "done_grace"},
     "egress": {"allow", "block", "read_only", "resolve", "max_connections", "max_bytes", "idle_timeout"},
+    "ci": {"max_fix_attempts"},
+    "provenance": {"anchor"},
 }
 _AGENT_KEYS = {
     "command",
@@ -330,6 +332,10 @@ class Config:
     public_url: str = ""
     egress: EgressSpec = EgressSpec()
     models: Mapping[str, ModelSpec] = dataclasses.field(default_factory=dict)
+    # The conversation on the forge (conversation.py, DESIGN.md §12).
+    ci_max_fix_attempts: int = 3
+    status_edit_interval: float = 5.0
+    anchor: str = ""  # "forge": each freeze writes the chain head into the status comment
 
     @property
     def db_path(self) -> Path:
@@ -366,6 +372,13 @@ class Config:
         server = toml.get("server", {})
         watchdog = toml.get("watchdog", {})
         sidecar = toml.get("sidecar", {})
+        ci = toml.get("ci", {})
+        anchor = toml.get("provenance", {}).get("anchor", "")
+        if anchor not in ("", "none", "forge"):
+            raise ConfigError(f'provenance.anchor: {str(anchor)[:40]!r} is not "forge" or "none"')
+        attempts = ci.get("max_fix_attempts", 3)
+        if not isinstance(attempts, int) or isinstance(attempts, bool) or not 0 <= attempts <= 100:
+            raise ConfigError(f"ci.max_fix_attempts: {str(attempts)[:40]!r} is not a number from 0 to 100")
         base = path.parent if path else Path.cwd()
 
         api_url = environ.get(ENV_API) or forge.get("api_url") or ""
@@ -430,6 +443,8 @@ class Config:
             forge_timeout=parse_duration(forge.get("timeout", "10s"), "forge.timeout"),
             event_retries=_positive_int(server.get("event_retries", 5), "server.event_retries"),
             public_url=public_url,
+            ci_max_fix_attempts=attempts,
+            anchor="forge" if anchor == "forge" else "",
             secret_files=tuple(
                 (base / str(f)).expanduser()
                 for f in (

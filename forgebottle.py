@@ -407,8 +407,33 @@ def provenance_command(config_file: str | None, slug: str, as_json: bool, verify
         if not chain["verified"]:
             raise ForgeBottleError(f"chain broken at operation {chain['broken_seq']}: {chain['problem']}")
         click.echo(f"{slug}: chain verified ({len(doc['operations'])} operations, head {chain['head'][:16]})")
+        if config.anchor == "forge":
+            click.echo(_check_anchor(config, slug))
         return
     click.echo(json.dumps(doc, indent=2) if as_json else summary(doc))
+
+
+def _check_anchor(config: Config, slug: str) -> str:
+    """``provenance.anchor = "forge"``: the record against the heads in the status comment."""
+    import asyncio
+
+    from conversation import verify_anchor
+    from gitea import ForgeError, Gitea
+
+    async def check() -> list[str]:
+        forge = Gitea(config.api_url, config.token.reveal(), timeout=config.forge_timeout)
+        try:
+            return await verify_anchor(forge, _open_store(config), slug)
+        finally:
+            await forge.aclose()
+
+    try:
+        problems = asyncio.run(check())
+    except ForgeError as exc:
+        return f"{slug}: anchor not checked: {redact(str(exc), config.secrets())}"
+    if problems:
+        raise ForgeBottleError(f"{slug}: the forge's anchor disagrees: " + "; ".join(problems))
+    return f"{slug}: the forge's anchor agrees"
 
 
 @main.command("logs")

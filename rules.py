@@ -17,9 +17,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from config import Config
-from gitea import Forge, ForgeError, ForgeUnavailable, Issue, User
-from statemachine import BottleState
-from store import Store
+from conversation import CI_FIX, Explanation, clean_lines, fence
+from gitea import Forge, ForgeError, ForgeUnavailable, Issue, Job, User
+from statemachine import BottleState, branch_for
+from store import ForgeState, Store
 
 MAX_PROMPT_PART = 32 * 1024
 
@@ -38,7 +39,15 @@ ACTIONS: dict[str, frozenset[str]] = {
     "pull_request_review_rejected": frozenset({"reviewed"}),
     "pull_request_review_comment": frozenset({"reviewed"}),
     "pull_request": frozenset({"opened", "closed"}),
+    # CI (§4, §12): a status has no action; jobs and runs count once completed.
+    "status": frozenset(),
+    "workflow_job": frozenset({"completed"}),
+    "workflow_run": frozenset({"completed"}),
 }
+CI_EVENTS = frozenset({"status", "workflow_job", "workflow_run"})
+CI_FAILED = frozenset({"failure", "error"})
+CI_PROMPT = "ci"
+CI_LOG_LINES = 40  # the pending prompt's trigger: a newer failure replaces a waiting one
 LAUNCH_EVENTS = frozenset({"issues", "issue_assign", "issue_label"})
 VERDICTS = {
     "pull_request_review_approved": "Approval",
@@ -55,6 +64,7 @@ WRITE_PERMISSIONS = frozenset({"write", "admin", "owner"})
 class Ignore:
     reason: str
     slug: str = ""
+    explain: Explanation | None = None  # said on the issue once (a trusted sender's labelled issue)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +92,33 @@ class Prompt:
     source: str
     body: str
     reason: str
+    react_issue: int = 0  # what to react eyes to: the comment, else this issue or PR
+    react_comment: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CiFailure:
+    """A failed check on the head of a bottle's PR (or branch): one fix attempt for ``sha``,
+    counted per bottle (its issue)."""
+
+    slug: str
+    issue: int
+    sha: str
+    source: str
+    body: str
+    reason: str
+    note: str = ""  # for the status comment
+
+
+@dataclasses.dataclass(frozen=True)
+class CiNote:
+    """What CI says of a PR the bot tried to fix, for the status comment: passing again, or
+    failing with no fix attempt left."""
+
+    slug: str
+    sha: str
+    note: str
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +134,7 @@ class Destroy:
     reason: str
 
 
-Decision = Ignore | Launch | Prompt | Link | Destroy
+Decision = Ignore | Launch | Prompt | Link | Destroy | CiFailure | CiNote
 
 
 # -- reading untrusted payloads ---------------------------------------------------------
@@ -108,10 +145,75 @@ def triage(event_type: str, payload: Mapping[str, Any]) -> str | None:
     actions = ACTIONS.get(event_type)
     if actions is None:
         return f"event type {event_type!r} is not one forgebottle acts on"
+    if event_type in CI_EVENTS:
+        return triage_ci(event_type, payload)
     action = payload.get("action")
     if not isinstance(action, str) or action not in actions:
         return f"{event_type} action {str(action)[:64]!r} is not one forgebottle acts on"
     return None
+
+
+def triage_ci(event_type: str, payload: Mapping[str, Any]) -> str | None:
+    """Only a failure or a success of a check can matter; pending and running never do."""
+    if event_type == "status":
+        state = text(payload, "state")
+        if state not in CI_FAILED and state != "success":
+            return f"status {state[:32]!r} is neither a failure nor a success"
+        return None
+    action = text(payload, "action")
+    if action not in ACTIONS[event_type]:
+        return f"{event_type} action {action[:64]!r} is not one forgebottle acts on"
+    conclusion = text(obj(payload, event_type), "conclusion")
+    if conclusion not in ("failure", "success"):
+        return f"{event_type} concluded {conclusion[:32]!r}, neither a failure nor a success"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One CI result from a ``status``, ``workflow_job`` or ``workflow_run`` payload."""
+
+    sha: str
+    name: str
+    failed: bool
+    url: str = ""
+    description: str = ""
+    job_id: int = 0
+    run_id: int = 0
+    pr: int = 0
+    branch: str = ""
+
+
+def ci_check(kind: str, payload: Mapping[str, Any]) -> Check | None:
+    if kind == "status":
+        sha, state = text(payload, "sha"), text(payload, "state")
+        check = Check(
+            sha,
+            text(payload, "context") or "status",
+            state in CI_FAILED,
+            text(payload, "target_url"),
+            text(payload, "description"),
+        )
+    else:
+        entity = obj(payload, kind)
+        job = kind == "workflow_job"
+        check = Check(
+            text(entity, "head_sha"),
+            text(entity, "name") if job else text(obj(payload, "workflow"), "name") or "workflow",
+            text(entity, "conclusion") == "failure",
+            text(entity, "html_url"),
+            job_id=number(entity, "id") if job else 0,
+            run_id=number(entity, "run_id" if job else "id"),
+            pr=number(obj(payload, "pull_request"), "number"),
+            branch=text(entity, "head_branch"),
+        )
+    return check if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", check.sha) else None
+
+
+def plain(value: str, limit: int = 200) -> str:
+    """Forge text for one line of a prompt or comment: no controls, no backticks to break out
+    of code, no angle brackets to forge a marker such as the status comment's."""
+    return " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f`<>]", " ", value).split())[:limit]
 
 
 def obj(data: Any, key: str) -> dict[str, Any]:
@@ -166,6 +268,8 @@ class Rules:
         if not owner or not name:
             return Ignore("payload names no repository")
         sender = text(obj(payload, "sender"), "login")
+        if event_type in CI_EVENTS:
+            return await self.on_ci(event_type, owner, name, payload)
         if event_type in LAUNCH_EVENTS:
             return await self.on_issue(event_type, owner, name, payload, sender)
         if event_type == "pull_request":
@@ -198,6 +302,9 @@ class Rules:
         issue = await self.forge.read_issue(owner, repo, issue_number)
         refusal = self.refusal(owner, repo, issue)
         if refusal is not None:
+            # Outsiders' events never make the bot speak.
+            if refusal.explain is not None and not await self.trusted(owner, repo, sender):
+                return dataclasses.replace(refusal, explain=None)
             return refusal
         agent = labelled(issue.labels, AGENT_LABEL)[0]
         bottles = labelled(issue.labels, BOTTLE_LABEL)[:1] or ["local"]
@@ -211,7 +318,12 @@ class Rules:
         members = [a for a, member in zip(issue.assignees, flags, strict=True) if member]
         if not members:
             who = ", ".join(issue.assignees) or "nobody"
-            return Ignore(f"issue #{issue.number} is assigned to {who}; none is a member of {self.config.org}")
+            org = self.config.org
+            why = f"no assignee is a member of `{org}` (assigned: {who}); assign the issue to a member."
+            return Ignore(
+                f"issue #{issue.number} is assigned to {who}; none is a member of {org}",
+                explain=Explanation(owner, repo, issue.number, "no-member", why),
+            )
         prompt, seen = await self.snapshot(owner, repo, issue)
         return Launch(
             owner,
@@ -237,15 +349,28 @@ class Rules:
             return Ignore(f"issue #{issue.number} has no bot-bottle:<agent> label")
         if len(agents) > 1:
             return Ignore(f"issue #{issue.number} names several agents: {', '.join(agents)}")
-        if agents[0] not in self.config.agents:
+        agent = agents[0]
+        if agent not in self.config.agents:
             configured = ", ".join(sorted(self.config.agents)) or "none"
-            return Ignore(f"agent {agents[0]!r} is not configured; configured: {configured}")
+            why = f"agent `{plain(agent, 64)}` is not configured; configured: {configured}."
+            return Ignore(
+                f"agent {agent!r} is not configured; configured: {configured}",
+                explain=Explanation(owner, repo, issue.number, f"agent:{plain(agent, 64)}", why),
+            )
         for bottle in labelled(issue.labels, BOTTLE_LABEL)[:1]:
             if bottle not in self.config.bottles:
                 return Ignore(f"bottle {bottle!r} is not configured")
         existing = self.store.get(owner, repo, issue.number)
         if existing is not None and existing.status.live:
-            return Ignore(f"bottle {existing.slug} is already {existing.status.value}", existing.slug)
+            explain = None
+            if existing.agent_name != agent:
+                # The same agent's label again is Gitea's echo of the launch: nothing to say.
+                why = (
+                    f"bottle `{existing.slug}` (agent `{existing.agent_name}`) is already {existing.status.value} "
+                    f"for this issue; `bot-bottle:{plain(agent, 64)}` can start once its pull request is closed."
+                )
+                explain = Explanation(owner, repo, issue.number, f"live:{existing.slug}:{plain(agent, 64)}", why)
+            return Ignore(f"bottle {existing.slug} is already {existing.status.value}", existing.slug, explain)
         return None
 
     async def snapshot(self, owner: str, repo: str, issue: Issue) -> tuple[str, int]:
@@ -301,6 +426,8 @@ class Rules:
             source=f"{kind} {comment_id} by {sender}" if comment_id else f"{kind} by {sender}",
             body=f"### {verdict} from @{sender} on #{target}\n\n{cap(body)}",
             reason=f"{where}: {verdict.lower()} by {sender} on #{target}",
+            react_issue=target,
+            react_comment=comment_id,
         )
 
     def on_pull_request(self, owner: str, repo: str, payload: Mapping[str, Any], sender: str) -> Decision:
@@ -340,6 +467,123 @@ class Rules:
         if state.pr_number == pr_number:
             return Ignore(f"pull request #{pr_number} is already linked to {state.slug}", state.slug)
         return Link(state.slug, pr_number, text(pr, "html_url"))
+
+    # -- CI (§4, §12) ----------------------------------------------------------------------
+
+    async def on_ci(self, kind: str, owner: str, repo: str, payload: Mapping[str, Any]) -> Decision:
+        """A failure on the head of a bottle's PR (its branch, before the PR is open) asks it
+        for a fix; a success after a fix is noted. CI events may come from anyone (they are the
+        forge's); only the bottle's own branch counts."""
+        limit = self.config.ci_max_fix_attempts
+        if limit <= 0:
+            return Ignore("the CI loop is off (ci.max_fix_attempts = 0)")
+        check = ci_check(kind, payload)
+        if check is None:
+            return Ignore(f"{kind} names no commit")
+        sha = check.sha[:12]
+        found = await self.bottle_for(owner, repo, check)
+        if found is None:
+            return Ignore(f"CI on {sha}: no live bottle's branch has this commit")
+        state, head = found
+        branch = branch_for(state.issue_number)
+        if head != check.sha:
+            return Ignore(
+                f"CI on {sha} is for an old commit of {branch} (its head is {head[:12] or 'gone'})", state.slug
+            )
+        tried = self.store.noted_keys(owner, repo, state.issue_number, CI_FIX)
+        if not check.failed:
+            if not tried or check.sha in tried:
+                return Ignore(f"CI passed on {sha}: no fix to note", state.slug)
+            n = len(tried)
+            note = f"passing on `{sha}` after {n} fix attempt{'s' if n > 1 else ''}."
+            return CiNote(state.slug, check.sha, note, f"CI passed on {sha} after a fix ({state.slug})")
+        if check.sha in tried:
+            return Ignore(f"CI failure on {sha} was already sent to {state.slug}", state.slug)
+        if len(tried) >= limit:
+            return CiNote(
+                state.slug,
+                check.sha,
+                f"`{plain(check.name)}` failed on `{sha}`; the {limit} fix attempt(s) are used up: over to a human.",
+                f"CI failed on {sha} but {state.slug} has had its {limit} fix attempt(s) (ci.max_fix_attempts)",
+            )
+        job = await self.failed_job(owner, repo, check)
+        lines: list[str] = []
+        if job is not None:
+            try:
+                raw = await self.forge.job_log_tail(owner, repo, job.id, lines=CI_LOG_LINES)
+            except ForgeUnavailable:
+                raise
+            except ForgeError:
+                raw = []
+            lines = clean_lines(raw, self.config.secrets(), limit=CI_LOG_LINES)
+        name = plain(job.name if job is not None and job.name else check.name)
+        url = check.url or (job.html_url if job is not None else "")
+        attempt = len(tried) + 1
+        where = f"your pull request #{state.pr_number}" if state.pr_number else f"your branch {branch}"
+        said = f" It says: {plain(check.description)}" if check.description else ""
+        parts = [f"### CI failed on {where}", "", f"The check `{name}` failed on `{sha}`, the head of {branch}.{said}"]
+        if url:
+            parts.append(f"Details: {plain(url, 500)}")
+        if job is not None:
+            parts += ["", f"The last lines of its log (job {job.id}; `forge job-log {job.id}` shows more):", ""]
+            parts.append(fence(lines) if lines else "(the log is empty)")
+        parts += ["", f"Fix it, push, and finish with `forge done` (fix attempt {attempt} of {limit})."]
+        queued = "rehydrate queued" if state.status is BottleState.FROZEN else "kept as the pending CI prompt"
+        return CiFailure(
+            state.slug,
+            state.issue_number,
+            check.sha,
+            source=f"{kind} {name} failed on {sha}",
+            body="\n".join(parts),
+            reason=f"{queued}: {name} failed on {sha} (fix attempt {attempt} of {limit} for {state.slug})",
+            note=f"`{name}` failed on `{sha}`; fix attempt {attempt} of {limit}.",
+        )
+
+    async def head_of(self, state: ForgeState) -> str:
+        """The commit CI must be about: the PR's head, or the branch's before the PR is open."""
+        if state.pr_number:
+            return (await self.forge.read_pr(state.owner, state.repo, state.pr_number)).head_sha
+        return await self.forge.branch_sha(state.owner, state.repo, branch_for(state.issue_number)) or ""
+
+    async def bottle_for(self, owner: str, repo: str, check: Check) -> tuple[ForgeState, str] | None:
+        """The live bottle the check is about and its head: named by the payload's PR or branch,
+        or (a status names neither) the one whose head, or an earlier failing head, is the
+        check's commit."""
+        state: ForgeState | None = None
+        match = re.fullmatch(r"bot-bottle/issue-(\d+)", check.branch)
+        if check.pr:
+            state = self.store.by_pr(owner, repo, check.pr)
+        elif match:
+            state = self.store.get(owner, repo, int(match.group(1)))
+        else:
+            for candidate in self.store.all(live_only=True):
+                if (candidate.owner, candidate.repo) != (owner, repo):
+                    continue
+                head = await self.head_of(candidate)
+                # An old commit is known by the fix it already asked for.
+                if check.sha in (head, *self.store.noted_keys(owner, repo, candidate.issue_number, CI_FIX)):
+                    return candidate, head
+            return None
+        if state is None or not state.status.live:
+            return None
+        return state, await self.head_of(state)
+
+    async def failed_job(self, owner: str, repo: str, check: Check) -> Job | None:
+        """The Actions job behind a failed check, if it is one (for its log)."""
+        if check.job_id:
+            return await self.forge.job(owner, repo, check.job_id)
+        try:
+            jobs = await self.forge.workflow_jobs(owner, repo, check.sha)
+        except ForgeUnavailable:
+            raise
+        except ForgeError:
+            return None  # a forge without Actions: statuses only
+        for job in jobs:
+            if check.run_id and job.run_id == check.run_id and job.failed:
+                return job
+            if check.url and job.html_url == check.url:
+                return job
+        return None
 
     async def operator_launch(
         self, owner: str, repo: str, issue_number: int, agent: str, bottles: Sequence[str], extra: str

@@ -38,10 +38,11 @@ from bottles import (
     find_bwrap,
 )
 from config import Config, ConfigError, redact
+from conversation import CI_FIX, Conversation, checks, job_log
 from egress import EgressEvent, Gateway
 from gitea import Forge, ForgeAuthError, ForgeError, ForgeUnavailable, PullRequest, Repo, ScopedForge, User
 from metrics import Metrics
-from rules import Decision, Destroy, Ignore, Launch, Link, Prompt, Rules
+from rules import CI_PROMPT, CiFailure, CiNote, Decision, Destroy, Ignore, Launch, Link, Prompt, Rules
 from serving import UnixServer
 from sidecar import WRITES, sidecar_app
 from statemachine import Bottle, BottleState, ForgeBottleError, Trigger, branch_for, fire
@@ -55,6 +56,8 @@ FORGE_PROBE_SECONDS = 30.0
 # burst of webhooks in first (no arrival for INTAKE_QUIET), but never waits past MAX_DEFERRAL.
 INTAKE_QUIET = 0.02
 MAX_DEFERRAL = 2.0
+# A run that fails within this many seconds may have failed to start (its command missing).
+START_WINDOW = 30.0
 
 OVERLAY = """\
 You are an agent working in a forgebottle bottle on {owner}/{repo}, issue #{issue}.
@@ -67,6 +70,9 @@ You hold no forge credentials: reach the forge only with the `forge` tool on you
   forge describe N TEXT            replace your issue's or PR's description
   forge push                       push your committed HEAD to {branch} (secret-scanned)
   forge open-pr --title T --body TEXT
+  forge progress TEXT              show your progress (e.g. a checklist) in the bot's status comment
+  forge checks [REF]               CI results of your PR's head; forge job-log ID: the end of a job's log
+  forge refresh                    fetch your branch and its base from the forge as origin/*
   forge done success|failure|blocked "summary"
 
 The same calls are MCP tools: /run/forge/mcp.json configures any MCP client to run `forge mcp`.
@@ -168,6 +174,7 @@ class Service:
         self.metrics = Metrics()
         self.rules = Rules(config, forge, store)
         self.intake = Intake(store)
+        self.conversation = Conversation(config, forge, store)
         self.active: dict[str, ActiveRun] = {}
         self.secrets = config.secrets()
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -220,6 +227,7 @@ class Service:
             if active.monitor is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await active.monitor
+        await self.conversation.close()
         await self.forge.aclose()
 
     async def recover(self) -> None:
@@ -382,15 +390,40 @@ class Service:
             elif isinstance(decision, Link):
                 self.store.set_fields(decision.slug, db, pr_number=decision.pr, pr_url=decision.url)
                 reason = f"linked pull request #{decision.pr} to {decision.slug}"
+            elif isinstance(decision, CiFailure):
+                self._ci_failure(decision, at, db)
+                reason = decision.reason
             else:
                 reason = decision.reason
             if event is not None:
                 self.store.finish_event(event.id, status=status, reason=reason, slug=slug, at=at, db=db)
         if event is not None:
             self._event_outcome(event.id, event.event_type, status, reason, slug)
+        await self._converse(decision, slug)
         if not isinstance(decision, Ignore):
             await self.schedule()
         return slug
+
+    def _ci_failure(self, failure: CiFailure, at: str, db: Any) -> None:
+        """One fix attempt for the PR head; a CI prompt still waiting is replaced (coalesced)."""
+        state = self.known(failure.slug)
+        self.store.note(state.owner, state.repo, state.issue_number, CI_FIX, failure.sha, failure.slug, at=at, db=db)
+        self.store.drop_pending(failure.slug, CI_PROMPT, db)
+        self.store.add_pending(failure.slug, at=at, trigger=CI_PROMPT, source=failure.source, body=failure.body, db=db)
+
+    async def _converse(self, decision: Decision, slug: str) -> None:
+        """What the decision makes the bot say on the forge (conversation.py)."""
+        talk = self.conversation
+        state = self.store.by_slug(slug) if slug else None
+        if isinstance(decision, Launch):
+            talk.acknowledge(decision.owner, decision.repo, issue=decision.issue, slug=slug)
+        elif isinstance(decision, Prompt) and state is not None:
+            issue, comment = decision.react_issue, decision.react_comment
+            talk.acknowledge(state.owner, state.repo, issue=issue, comment_id=comment, slug=slug)
+        elif isinstance(decision, Ignore) and decision.explain is not None:
+            await talk.explain(decision.explain, slug)
+        elif isinstance(decision, (CiFailure, CiNote)) and state is not None:
+            talk.note_ci(state, decision.note)
 
     def _create(self, launch: Launch, at: str, db: Any) -> str:
         base = re.sub(r"[^a-z0-9._-]+", "-", f"{launch.owner}-{launch.repo}-{launch.issue}".lower())[:40]
@@ -482,13 +515,17 @@ class Service:
             last = self.store.last_run(slug)
             n = int(last["n"]) + 1 if last else 1
             prompt = compose_prompt(state, pending, first=n == 1)
+            if trigger is Trigger.REHYDRATE:
+                prompt += await self.conversation.branch_moved(state)
             error = ""
+            missing = ""
             active: ActiveRun | None = None
             try:
                 ctx = await self._context(state)
                 active = await self._spawn(ctx, state, prompt, n, resume=trigger is Trigger.REHYDRATE)
             except (ForgeBottleError, OSError) as exc:
                 error = redact(str(exc), self.secrets)
+                missing = str(exc.filename or "") if isinstance(exc, FileNotFoundError) else ""
                 log.warning("%s: could not start run %d: %s", slug, n, error, extra={"slug": slug})
             at = utcnow()
             with self.store.transaction() as db:
@@ -512,6 +549,8 @@ class Service:
             self._log_transition(slug, trigger.value, f"run {n}")
             if active is not None and active.ctx.agent.budget_tokens is not None:
                 self.store.update_run(slug, n, budget_tokens=active.ctx.agent.budget_tokens)
+            if missing:
+                await self.conversation.start_failed(state, n, missing=missing)
             if active is not None:
                 self.active[slug] = active
                 active.monitor = asyncio.create_task(self._monitor(active), name=f"monitor:{slug}")
@@ -653,6 +692,11 @@ class Service:
                 state = self.store.by_slug(slug)
                 if state is not None and state.status is BottleState.RUNNING:
                     self._transition(state, trigger, reason)
+                    quick = time.monotonic() - active.started < START_WINDOW
+                    if trigger is Trigger.EXITED and code != 0 and quick and not self._stopping:
+                        await self.conversation.start_failed(
+                            state, active.run, log=active.ctx.paths.run_log(active.run), code=code
+                        )
         await self.schedule()
 
     def _ending(self, active: ActiveRun, code: int) -> tuple[Trigger, str]:
@@ -672,6 +716,10 @@ class Service:
     def _log_transition(self, slug: str, trigger: str, reason: str) -> None:
         state = self.store.by_slug(slug)
         status = state.status.value if state else "?"
+        if state is not None:
+            if state.status is BottleState.FROZEN:
+                self.conversation.anchor(state)
+            self.conversation.touch(slug)
         self.metrics.inc(m.TRANSITIONS, trigger=trigger)
         extra = {"slug": slug, "trigger": trigger, "dest": status, "reason": reason}
         log.info("%s: %s -> %s (%s)", slug, trigger, status, reason, extra=extra)
@@ -810,7 +858,24 @@ class RunAccess:
         return redact(text, [*secrets, *(json.dumps(s)[1:-1] for s in secrets)])
 
     async def push(self) -> PushResult:
-        return await self.service.push(self.active)
+        pushed = await self.service.push(self.active)
+        state = self.service.store.by_slug(self.slug)
+        if state is not None:
+            self.service.conversation.pushed(state, pushed.sha)
+        return pushed
+
+    async def update_progress(self, body: str) -> str:
+        return await self.service.conversation.progress(self.service.known(self.slug), body)
+
+    async def read_checks(self, ref: str | None) -> list[dict[str, Any]]:
+        return await checks(self.active.scoped, ref)
+
+    async def read_job_log(self, job_id: int, tail_lines: int) -> dict[str, Any]:
+        return await job_log(self.active.scoped, job_id, tail_lines, self.service.secrets)
+
+    async def refresh(self) -> dict[str, str]:
+        ctx = self.active.ctx
+        return await self.service.backend(ctx).refresh(ctx)
 
     async def pr_opened(self, pr: PullRequest) -> None:
         self.service.store.set_fields(self.slug, pr_number=pr.number, pr_url=pr.html_url)

@@ -45,10 +45,16 @@ MAX_SUMMARY_BYTES = 16 * 1024
 # An agent's call is at most MAX_REQUEST_BYTES over a local socket: 10 s is generous, and a
 # dribbling client holds its connection no longer than that.
 BODY_SECONDS = 10.0
-WRITES = frozenset({"post_comment", "update_description", "push", "open_pr"})
+WRITES = frozenset({"post_comment", "update_description", "push", "open_pr", "update_progress"})
 DONE_STATUSES = ("success", "failure", "blocked")
 # Texts an agent writes to the forge, by method: scanned for secrets like a push.
-WRITTEN_TEXT = {"post_comment": ("body",), "update_description": ("body",), "open_pr": ("title", "body")}
+WRITTEN_TEXT = {
+    "post_comment": ("body",),
+    "update_description": ("body",),
+    "open_pr": ("title", "body"),
+    "update_progress": ("body",),
+}
+MAX_PROGRESS_BYTES = 16 * 1024
 
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL = -32700, -32600, -32601, -32602, -32603
 
@@ -90,6 +96,11 @@ METHODS: dict[str, dict[str, Param]] = {
         "head": (str, False, 255),
     },
     "signal_done": {"status": (str, True, 16), "summary": (str, True, MAX_SUMMARY_BYTES)},
+    # The conversation on the forge and CI (§7, §12).
+    "update_progress": {"body": (str, True, MAX_PROGRESS_BYTES)},
+    "read_checks": {"ref": (str, False, 255)},
+    "read_job_log": {"job_id": (int, True, 0), "tail_lines": (int, False, 0)},
+    "refresh": {},
 }
 
 
@@ -124,6 +135,18 @@ class BottleAccess(Protocol):
     async def pr_opened(self, pr: PullRequest) -> None: ...
 
     async def signal_done(self, status: str, summary: str) -> None: ...
+
+    async def update_progress(self, body: str) -> str:
+        """Show ``body`` as the progress part of the bottle's status comment; its URL."""
+        ...
+
+    async def read_checks(self, ref: str | None) -> list[dict[str, Any]]: ...
+
+    async def read_job_log(self, job_id: int, tail_lines: int) -> dict[str, Any]: ...
+
+    async def refresh(self) -> dict[str, str]:
+        """Fetch the forge's bottle branch and base branch into the workspace as origin/*."""
+        ...
 
     async def record(
         self,
@@ -193,8 +216,14 @@ def valid_unicode(value: Any) -> bool:
 def target_of(method: str, params: dict[str, Any], branch: str) -> str:
     if "number" in params and isinstance(params["number"], int) and not isinstance(params["number"], bool):
         return f"#{params['number']}"
-    if method in ("push", "open_pr"):
+    if method in ("push", "open_pr", "refresh"):
         return branch
+    if method == "read_job_log" and isinstance(params.get("job_id"), int):
+        return f"job {params['job_id']}"
+    if method == "read_checks":
+        return str(params.get("ref") or "the PR head")[:64]
+    if method == "update_progress":
+        return "status comment"
     return ""
 
 
@@ -249,6 +278,14 @@ def sentence(method: str, target: str, outcome: str, result: Any, error: str) ->
         return f"opened pull request #{result['number']} from {target}"
     if method == "signal_done":
         return f"signalled done: {error}"
+    if method == "update_progress":
+        return "updated progress in the status comment"
+    if method == "read_checks":
+        return f"read checks of {target}"
+    if method == "read_job_log":
+        return f"read the log of {target}"
+    if method == "refresh":
+        return f"refreshed {target} and its base from the forge"
     return method
 
 
@@ -382,6 +419,14 @@ class Dispatcher:
         if method == "signal_done":
             await self.access.signal_done(params["status"], params["summary"])
             return {"acknowledged": True}
+        if method == "update_progress":
+            return {"html_url": await self.access.update_progress(params["body"])}
+        if method == "read_checks":
+            return await self.access.read_checks(params.get("ref"))
+        if method == "read_job_log":
+            return await self.access.read_job_log(params["job_id"], params.get("tail_lines", 200))
+        if method == "refresh":
+            return await self.access.refresh()
         raise RpcError(METHOD_NOT_FOUND, f"unknown method {method!r}")
 
     async def _log(

@@ -161,6 +161,20 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN budget_tokens INTEGER;
     CREATE INDEX operations_egress_denied ON operations (slug) WHERE outcome = 'denied' AND op IN ('egress', 'model');
     """,
+    # 6: what the bot said on the forge (conversation.py): explanations once per issue and
+    # reason, each bottle's status comment, CI fix attempts per pull request head.
+    """
+    CREATE TABLE IF NOT EXISTS conversation (
+        owner TEXT NOT NULL,
+        repo TEXT NOT NULL,
+        issue INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL DEFAULT '',
+        at TEXT NOT NULL,
+        PRIMARY KEY (owner, repo, issue, kind, key)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 
@@ -777,3 +791,47 @@ class Store:
     def by_pr(self, owner: str, repo: str, pr: int) -> ForgeState | None:
         rows = self._query(f"{_SELECT_STATE} WHERE owner = ? AND repo = ? AND pr_number = ?", (owner, repo, pr))
         return _state_from_row(rows[0]) if rows else None
+
+    # -- the conversation on the forge (conversation.py) --------------------------------
+
+    def noted(self, owner: str, repo: str, issue: int, kind: str, key: str) -> str | None:
+        """The value kept for (issue, kind, key), or None if nothing is."""
+        rows = self._query(
+            "SELECT value FROM conversation WHERE owner = ? AND repo = ? AND issue = ? AND kind = ? AND key = ?",
+            (owner, repo, issue, kind, key),
+        )
+        return str(rows[0]["value"]) if rows else None
+
+    def note(
+        self,
+        owner: str,
+        repo: str,
+        issue: int,
+        kind: str,
+        key: str,
+        value: str = "",
+        *,
+        at: str,
+        once: bool = False,
+        db: sqlite3.Connection | None = None,
+    ) -> bool:
+        """Keep ``value`` for (issue, kind, key); with ``once``, only if nothing is kept there
+        yet. True if this call wrote it."""
+        verb = "INSERT OR IGNORE" if once else "INSERT OR REPLACE"
+        sql = f"{verb} INTO conversation (owner, repo, issue, kind, key, value, at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        args = (owner, repo, issue, kind, key, value, at)
+        if db is not None:
+            return db.execute(sql, args).rowcount > 0
+        with self.transaction() as tx:
+            return tx.execute(sql, args).rowcount > 0
+
+    def noted_keys(self, owner: str, repo: str, issue: int, kind: str) -> list[str]:
+        rows = self._query(
+            "SELECT key FROM conversation WHERE owner = ? AND repo = ? AND issue = ? AND kind = ? ORDER BY at",
+            (owner, repo, issue, kind),
+        )
+        return [str(r["key"]) for r in rows]
+
+    def drop_pending(self, slug: str, trigger: str, db: sqlite3.Connection) -> int:
+        """Remove ``slug``'s waiting prompts of ``trigger`` (a newer one replaces them)."""
+        return db.execute("DELETE FROM pending_prompts WHERE slug = ? AND trigger = ?", (slug, trigger)).rowcount

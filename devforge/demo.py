@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import httpx
 
+from .ci import scripted_ci
 from .forge import DevForge
 from .seed import Seeded, seed
 from .serving import ServerThread, loopback_socket
@@ -28,7 +29,16 @@ DEMO_AGENT = r"""#!/bin/sh
 # The demo agent: uses nothing but git and the forge tool.
 set -eu
 issue="$FORGE_ISSUE_NUMBER"
-if [ -z "${FORGE_PR_NUMBER:-}" ] && ! grep -q "New input since your last run" "$FORGE_PROMPT_FILE"; then
+if grep -q "### CI failed" "$FORGE_PROMPT_FILE"; then
+  forge checks > /dev/null
+  forge progress "- [x] Opened a pull request
+- [x] Read the failing check and its log
+- [x] Fixed it" > /dev/null
+  printf 'Hello from forgebottle (issue #%s).\nThe greeting test passes now.\n' "$issue" > HELLO.md
+  git commit -q -am "Make the greeting test pass (#$issue)"
+  forge push
+  forge done success "Fixed the failing greeting test"
+elif [ -z "${FORGE_PR_NUMBER:-}" ] && ! grep -q "New input since your last run" "$FORGE_PROMPT_FILE"; then
   forge read-issue "$issue" > /dev/null
   forge comment "$issue" "Looking into this now: I will open a pull request shortly."
   printf 'Hello from forgebottle (issue #%s).\n' "$issue" > HELLO.md
@@ -47,6 +57,13 @@ else
 fi
 """
 
+FAILING_LOG = (
+    "Run python -m pytest\n"
+    "\x1b[31mFAILED\x1b[0m test_hello.py::test_greeting - assert 'passes' in 'Hello from forgebottle'\n"
+    "Error: Process completed with exit code 1.\n"
+)
+# The conversation events a devforge hook carries by default; the demo adds the CI ones.
+HOOK_EVENTS = ("issues", "issue_comment", "pull_request", "pull_request_comment", "pull_request_review")
 WAIT_SECONDS = 60.0
 POLL_SECONDS = 0.05
 STOP_SECONDS = 30.0
@@ -108,7 +125,11 @@ class _Demo:
         port = _free_port()
         config = self.write_config(world, secret, port)
         self.start_serve(serve_command, config, port)
-        dev.add_hook(world.owner, world.repo, f"http://127.0.0.1:{port}/webhook", secret)
+        events = (*HOOK_EVENTS, "status", "workflow_job", "workflow_run")
+        dev.add_hook(world.owner, world.repo, f"http://127.0.0.1:{port}/webhook", secret, events=events)
+        # CI on the bot's branch: the first push fails its test, every later one passes.
+        dev.on_push = scripted_ci(dev, ["failure", "success"], logs={"failure": FAILING_LOG})
+        self.step("devforge CI: the first push to a branch fails its test, later pushes pass")
 
         issue = dev.create_issue(
             world.owner,
@@ -121,7 +142,8 @@ class _Demo:
         )
         self.step(f"issue #{issue.number} opened by {world.member.login}, labelled bot-bottle:demo, assigned")
         slug = self.until(lambda: self.bottle_for(world, issue.number), "the launch")
-        doc = self.until(self.status_is(slug, "frozen", runs=1), "the first run to finish")
+        # The first push fails CI: the bottle is woken again with the failure and fixes it.
+        doc = self.until(self.status_is(slug, "frozen", runs=2), "the CI fix to finish")
         pr, pr_url = doc["forge"]["pr"], doc["forge"]["pr_url"]
         if not isinstance(pr, int):
             raise DemoError(f"the first run ended without a pull request (bottle {slug})")
@@ -135,13 +157,29 @@ class _Demo:
             kind="rejected",
         )
         self.step(f"{world.member.login} (org member) reviewed the PR, requesting changes: rehydrating")
-        self.until(self.status_is(slug, "frozen", runs=2), "the second run to finish")
+        self.until(self.status_is(slug, "frozen", runs=3), "the review's run to finish")
         dev.merge_pr(world.owner, world.repo, pr, user=world.member.login)
         self.step(f"{world.member.login} merged pull request #{pr}")
-        doc = self.until(self.status_is(slug, "destroyed", runs=2), "the bottle to be destroyed")
+        doc = self.until(self.status_is(slug, "destroyed", runs=3), "the bottle to be destroyed")
+        self.show_status(dev, world, issue.number)
         self.summary(doc)
         self.step("demo complete")
         return 0 if doc["chain"]["verified"] else 1
+
+    def show_status(self, dev: DevForge, world: Seeded, number: int) -> None:
+        """The bot's status comment on the issue, once it shows the end (edits are debounced)."""
+
+        def final() -> str | None:
+            for comment in dev.issue(world.owner, world.repo, number).comments:
+                if comment.body.startswith("<!-- forgebottle:status ") and "**destroyed**" in comment.body:
+                    return comment.body
+            return None
+
+        body: str = self.until(final, "the status comment to show the end")
+        self.step(f"status comment on issue #{number} (the one comment the bot keeps editing):")
+        for line in body.splitlines()[1:]:
+            if line.strip():
+                self.echo(f"  | {line}")
 
     def summary(self, doc: dict[str, Any]) -> None:
         self.step("provenance:")
