@@ -20,11 +20,11 @@ from bottles import (
     GitFailed,
     PushFailed,
     TextRefused,
-    _copy_out,
-    _sandbox_output,
     check_text,
+    copy_out,
     git_env,
     run_git,
+    sandbox_output,
 )
 from config import redact
 from scan import MAX_SCAN_BYTES, scan_change, scan_text
@@ -42,13 +42,13 @@ def test_sandbox_output_is_read_only_from_regular_files(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     empty = tmp_path / "empty"
     empty.touch()
-    assert _sandbox_output(regular, limit=128) == b"b" * 40 + b"\n"
-    assert _sandbox_output(regular, limit=4) == b"bbbb"
-    assert _sandbox_output(link, limit=128) is None  # never followed to the secret
-    assert _sandbox_output(fifo, limit=128) is None  # never blocks on a FIFO
-    assert _sandbox_output(empty, limit=128) is None
-    assert _sandbox_output(tmp_path / "missing", limit=128) is None
-    assert _sandbox_output(tmp_path, limit=128) is None  # a directory
+    assert sandbox_output(regular, limit=128) == b"b" * 40 + b"\n"
+    assert sandbox_output(regular, limit=4) == b"bbbb"
+    assert sandbox_output(link, limit=128) is None  # never followed to the secret
+    assert sandbox_output(fifo, limit=128) is None  # never blocks on a FIFO
+    assert sandbox_output(empty, limit=128) is None
+    assert sandbox_output(tmp_path / "missing", limit=128) is None
+    assert sandbox_output(tmp_path, limit=128) is None  # a directory
 
 
 def test_git_and_its_helpers_die_when_the_caller_is_cancelled(tmp_path: Path) -> None:
@@ -93,16 +93,16 @@ def test_copy_out_copies_regular_files_only_and_bounded(tmp_path: Path) -> None:
     link.symlink_to(secret)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    assert _copy_out(link, out / "a", limit=1024) is None  # never followed to the secret
-    assert _copy_out(fifo, out / "b", limit=1024) is None  # never blocks on a FIFO
-    assert _copy_out(tmp_path, out / "c", limit=1024) is None  # a directory
+    assert copy_out(link, out / "a", limit=1024) is None  # never followed to the secret
+    assert copy_out(fifo, out / "b", limit=1024) is None  # never blocks on a FIFO
+    assert copy_out(tmp_path, out / "c", limit=1024) is None  # a directory
     bundle = tmp_path / "push.bundle"
     bundle.write_bytes(b"# v2 git bundle\n" + b"x" * 3000)
-    copy = _copy_out(bundle, out / "d", limit=4096)
+    copy = copy_out(bundle, out / "d", limit=4096)
     assert copy is not None and copy.read_bytes() == bundle.read_bytes()
     assert stat.S_IMODE(copy.stat().st_mode) == 0o600
     with pytest.raises(PushFailed) as refused:
-        _copy_out(bundle, out / "e", limit=1024)
+        copy_out(bundle, out / "e", limit=1024)
     assert str(tmp_path) not in str(refused.value) and "1024" in str(refused.value)
     assert sorted(p.name for p in out.iterdir()) == ["d", "e"]
 

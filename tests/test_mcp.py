@@ -24,7 +24,8 @@ from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
 import forge_client
-from bottles import BottleContext, BottlePaths, LocalBackend, git_env
+from backends import LocalBackend
+from bottles import BottleContext, BottlePaths, git_env
 from config import AgentSpec, BottleSpec, Secret
 from statemachine import BottleState
 from store import ForgeState, Operation
