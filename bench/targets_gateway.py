@@ -79,10 +79,14 @@ class _Bytes(http.server.BaseHTTPRequestHandler):
 
 def run_upstream(port: int) -> None:
     """Child process: the upstream the downloads and tunnels reach."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Bytes)
-    server.daemon_threads = True
-    server.request_queue_size = 1024  # the tunnels target opens hundreds at once
-    server.serve_forever()
+    _Upstream(("127.0.0.1", port), _Bytes).serve_forever()
+
+
+class _Upstream(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    # The tunnels target opens hundreds at once; the default backlog (5) would stall some of
+    # them in SYN retries, and that wait would be the upstream's, not the gateway's.
+    request_queue_size = 1024
 
 
 def run_models() -> None:
