@@ -33,6 +33,7 @@ from bottles import find_bwrap  # noqa: E402
 
 SECRET = "bench-webhook-secret"
 OLD_REV = "0c2c1b5"  # the last commit before forgebottle.py was split into modules
+OLD_SCHEMA = 4  # its store's schema version (PRAGMA user_version)
 T = TypeVar("T")
 
 

@@ -20,6 +20,7 @@ import hmac
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,7 @@ import targets_gateway
 import uvicorn
 from benchlib import (
     OLD_REV,
+    OLD_SCHEMA,
     ROOT,
     SECRET,
     SMOKE,
@@ -324,8 +326,14 @@ def bench_launch(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> d
 # -- 4. the CLI ----------------------------------------------------------------------------------
 
 
-def fill_store(path: Path, count: int) -> None:
-    """``count`` frozen bottles straight into SQLite (both trees share the schema)."""
+def fill_store(path: Path, count: int, schema: int | None = None) -> None:
+    """``count`` frozen bottles straight into SQLite, with this tree's ``Store``. ``schema``, or
+    the version the file had, is stamped back afterwards: the versions since the old tree's only
+    added columns and an index (``store.MIGRATIONS``), which its queries never name, but it
+    refuses a file newer than it knows."""
+    if schema is None and path.exists():
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            schema = int(db.execute("PRAGMA user_version").fetchone()[0]) or None
     store = Store(path)
     at, frozen = "2026-01-01T00:00:00.000+00:00", BottleState.FROZEN
     with store.transaction() as db:
@@ -334,13 +342,17 @@ def fill_store(path: Path, count: int) -> None:
             state = ForgeState("acme", "widgets", n, f"acme-widgets-{n}", "implementer", frozen, at, at, issue_url=url)
             store.upsert(state, db)
     store.close()
+    if schema is not None:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute(f"PRAGMA user_version = {int(schema)}")
 
 
 def bench_cli(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> dict[str, Any]:
     """Each command a fresh process, as a user runs it; rounds run every command in rotated order,
     and each figure is a median over rounds."""
-    state = root / "state"
-    fill_store(state / "bot-bottle.db", sizes.cli_bottles)
+    states = {t.label: root / f"state-{t.label}" for t in trees}
+    for tree in trees:
+        fill_store(states[tree.label] / "bot-bottle.db", sizes.cli_bottles, OLD_SCHEMA if tree.rev == OLD_REV else None)
     by_label = {t.label: t for t in trees}
     commands: dict[tuple[str, str], list[str]] = {("", "pass"): [sys.executable, "-c", "pass"]}
     for tree in trees:
@@ -349,7 +361,7 @@ def bench_cli(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> dict
 
     def run(key: tuple[str, str]) -> float:
         tree = by_label.get(key[0], Tree("", "", ROOT))
-        env = tree.env(FORGEBOTTLE_STATE_DIR=str(state))
+        env = tree.env(FORGEBOTTLE_STATE_DIR=str(states.get(key[0], root)))
         started = time.perf_counter()
         done = subprocess.run(commands[key], cwd=tree.path, env=env, capture_output=True, check=False)
         took = time.perf_counter() - started
