@@ -269,8 +269,10 @@ def bench_gateway(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> 
     setup_row.against = f"direct connect + GET p50 {median_of(out['setup_p50_ms'], 'direct'):.2f} ms"
     setup_row.figures["after"] = Figure.of([(pct(g, 50) - pct(d, 50)) * 1000 for d, g in rounds])
     n, limit = sizes.tunnels, sizes.tunnel_limit
+    # Anything else (an error, a cut answer) is neither served nor refused: it counts as hung.
     hung = Row(f"{n:,} concurrent tunnels: hung", 0, False, "")
     hung.against = f"{tunnels['served']} served, {tunnels['refused']} refused at max_connections = {limit}"
+    hung.against += "".join(f", {count} {what}" for what, count in tunnels["other"].items())
     hung.figures["after"] = Figure(*[float(n - tunnels["served"] - tunnels["refused"])] * 3)
     rss = Row(f"RSS growth over {n:,} tunnels", None, False, " MiB")
     rss.against = f"`serve` {before / 1024:.1f} MiB before; {tunnels['rss_open_mib']:.1f} MiB with them open"
