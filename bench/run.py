@@ -10,8 +10,6 @@ the sidecar's Unix socket. Prints a table and writes ``--out``. Targets are repo
 asserted: a miss is a finding to profile, not a failed build.
 """
 
-from __future__ import annotations
-
 import argparse
 import asyncio
 import contextlib
@@ -22,346 +20,52 @@ import hmac
 import json
 import os
 import shutil
-import signal
-import statistics
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import httpx  # noqa: E402
-import uvicorn  # noqa: E402
-from starlette.applications import Starlette  # noqa: E402
-from starlette.requests import Request  # noqa: E402
-from starlette.responses import JSONResponse  # noqa: E402
-from starlette.routing import Mount, Route  # noqa: E402
-
-import devforge as df  # noqa: E402
-from bottles import find_bwrap  # noqa: E402
-from statemachine import BottleState  # noqa: E402
-from store import ForgeState, Store  # noqa: E402
-
-SECRET = "bench-webhook-secret"
-OLD_REV = "0c2c1b5"  # the last commit before forgebottle.py was split into modules
-T = TypeVar("T")
-
-
-@dataclasses.dataclass(frozen=True)
-class Sizes:
-    """The full run's; ``SMOKE`` below is --smoke's."""
-
-    intake_rounds: int = 5
-    intake_seconds: float = 3.0  # per target per round
-    connections: int = 32
-    sidecar_rounds: int = 5
-    sidecar_calls: int = 300  # per tree per round
-    cli_rounds: int = 9
-    cli_bottles: int = 10_000
-    launches: int = 8  # per tree, after a warm-up
-    frozen: int = 200
-
-
-SMOKE = Sizes(1, 0.5, 4, 1, 20, 1, 50, 1, 5)
-
-
-@dataclasses.dataclass(frozen=True)
-class Tree:
-    """A checkout of forgebottle, run as its own program: ``cwd`` and ``PYTHONPATH`` are the tree."""
-
-    label: str  # "before" or "after"
-    rev: str
-    path: Path
-
-    def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("FORGE", "PYTHON"))}
-        return {**env, "PYTHONPATH": str(self.path), **extra}
-
-    def cli(self, *args: str) -> list[str]:
-        return [sys.executable, str(self.path / "forgebottle.py"), *args]
-
-
-@dataclasses.dataclass
-class Figure:
-    """A median with the range of the rounds it is the median of."""
-
-    value: float
-    low: float
-    high: float
-
-    @classmethod
-    def of(cls, values: list[float]) -> Figure:
-        return cls(statistics.median(values), min(values), max(values))
-
-
-@dataclasses.dataclass
-class Row:
-    target: str
-    limit: float
-    higher_is_better: bool
-    unit: str  # the times sign for ratios, " ms", or "" for counts
-    against: str = ""
-    figures: dict[str, Figure | None] = dataclasses.field(default_factory=dict)
-
-    def met(self, label: str) -> bool | None:
-        figure = self.figures.get(label)
-        if figure is None:
-            return None
-        return figure.value >= self.limit if self.higher_is_better else figure.value <= self.limit
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-class Guard:
-    """The old tree may not survive every measurement: its failure becomes "n/a" with the reason,
-    and it is left out for the rest of that target (``broken``), or of the run when it could not
-    be checked out (``absent``). A failure of this tree stops the run."""
-
-    def __init__(self) -> None:
-        self.absent: dict[str, str] = {}
-        self.broken: dict[str, str] = {}
-        self.failures: dict[str, dict[str, str]] = {}  # target -> tree -> why
-
-    def begin(self, target: str) -> None:
-        self.broken = dict(self.absent)
-        self.failures[target] = self.broken
-
-    @contextlib.contextmanager
-    def __call__(self, tree: Tree) -> Iterator[None]:
-        try:
-            yield
-        except Exception as exc:
-            if tree.label == "after":
-                raise
-            self.broken[tree.label] = f"{type(exc).__name__}: {exc}"[:300]
-            print(f"   {tree.label} tree left out: {self.broken[tree.label]}", flush=True)
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] if ordered else float("nan")
-
-
-def poll(predicate: Callable[[], T | None], *, timeout: float, what: str, every: float = 0.02) -> T:
-    """``predicate()`` once it is truthy; RuntimeError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(every)
-
-
-def free_port() -> int:
-    with contextlib.closing(df.loopback_socket()) as sock:
-        return int(sock.getsockname()[1])
-
-
-@functools.cache
-def http() -> httpx.Client:
-    """One client for the bench's own calls: making one loads a TLS context, which costs more than
-    a launch's forge reads, and would land inside the figures if every call made its own (as
-    ``httpx.get`` does)."""
-    return httpx.Client(timeout=60)
-
-
-def answers(url: str, check: Callable[[httpx.Response], bool] = lambda r: True) -> bool:
-    with contextlib.suppress(httpx.HTTPError, ValueError):
-        return check(http().get(url, timeout=2))
-    return False
-
-
-def end(proc: subprocess.Popen[Any]) -> None:
-    """SIGTERM, and SIGKILL if that was not enough within a minute."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@contextlib.contextmanager
-def child(argv: list[str], **popen: Any) -> Iterator[subprocess.Popen[Any]]:
-    """A process of this script's, ended on the way out."""
-    proc = subprocess.Popen(argv, cwd=ROOT, **popen)
-    try:
-        yield proc
-    finally:
-        end(proc)
-
-
-# -- the world: a devforge, and serve from either tree ------------------------------------------
-
-WAIT_AGENT = """#!/bin/sh
-started=$(date +%s.%N)
-echo "$started" > "$HOME/.started" && mv "$HOME/.started" "$HOME/started-$started"
-while [ ! -f "$HOME/go" ]; do sleep 0.05; done
-forge done success done
-"""
-
-
-def run_devforge(root: Path, port: int) -> None:
-    """Child process: devforge, plus two routes for the bench to make repos (with a hook) and issues."""
-    forge = df.DevForge(root, base_url=f"http://127.0.0.1:{port}/")
-    world = df.seed(forge)
-
-    async def repo(request: Request) -> JSONResponse:
-        data = await request.json()
-        forge.create_repo(
-            world.owner, data["name"], {"README.md": "# bench\n"}, collaborators={world.bot.login: "admin"}
-        )
-        forge.add_hook(world.owner, data["name"], data["hook"], SECRET)
-        return JSONResponse({})
-
-    async def issue(request: Request) -> JSONResponse:
-        data = await request.json()
-        member = world.member.login
-        number = forge.create_issue(
-            world.owner, data["repo"], title="bench", user=member, labels=["bot-bottle:wait"], assignees=[member]
-        ).number
-        return JSONResponse({"number": number})
-
-    app = Starlette(
-        routes=[
-            Route("/_bench/repo", repo, methods=["POST"]),
-            Route("/_bench/issue", issue, methods=["POST"]),
-            Mount("/", app=forge.app),
-        ]
-    )
-    print(json.dumps({"token": world.bot.token, "owner": world.owner, "org": world.org}), flush=True)
-    sock = df.loopback_socket(port)
-    uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False)).run(sockets=[sock])
-
-
-@dataclasses.dataclass
-class Forge:
-    url: str
-    token: str
-    owner: str
-    org: str
-
-    @property
-    def api(self) -> str:
-        return f"{self.url}/api/v1"
-
-    def add_repo(self, name: str, hook: str) -> None:
-        http().post(f"{self.url}/_bench/repo", json={"name": name, "hook": hook}).raise_for_status()
-
-    def open_issue(self, repo: str) -> int:
-        response = http().post(f"{self.url}/_bench/issue", json={"repo": repo})
-        response.raise_for_status()
-        return int(response.json()["number"])
-
-
-@contextlib.contextmanager
-def devforge(root: Path) -> Iterator[Forge]:
-    """devforge in a process of its own, so it shares neither CPU time nor the GIL with the bench."""
-    port = free_port()
-    argv = [sys.executable, __file__, "_devforge", str(root / "forge"), str(port)]
-    with child(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
-        assert proc.stdout is not None
-        seeded = json.loads(proc.stdout.readline() or "{}")
-        url = f"http://127.0.0.1:{port}"
-        poll(lambda: proc.poll() is None and answers(f"{url}/api/v1/version"), timeout=30, what="devforge")
-        yield Forge(url, seeded["token"], seeded["owner"], seeded["org"])
-
-
-class Serve:
-    """``forgebottle serve --config F`` of one tree, configured as on a host, on its own state."""
-
-    def __init__(self, tree: Tree, root: Path, forge: Forge) -> None:
-        self.tree, self.root, self.forge, self.repo = tree, root, forge, tree.label
-        self.state_dir = root / "state"
-        (self.state_dir / "tools").mkdir(parents=True)
-        (self.state_dir / "tools" / "wait-agent").write_text(WAIT_AGENT)
-        (root / "token").write_text(forge.token)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        sandbox = "bwrap" if find_bwrap() else "none"
-        agent = "/opt/forgebottle/bin/wait-agent" if sandbox == "bwrap" else str(self.state_dir / "tools/wait-agent")
-        self.config = root / "config.toml"
-        self.config.write_text(
-            f'[forge]\napi_url = "{forge.api}"\ntoken_file = "{root / "token"}"\norg = "{forge.org}"\n'
-            f'[server]\nstate_dir = "{self.state_dir}"\nlisten = "127.0.0.1:{self.port}"\nmax_running = 4\n'
-            f'[bottles.local]\nsandbox = "{sandbox}"\n[agents.wait]\ncommand = ["/bin/sh", "{agent}"]\n'
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Serve:
-        with open(self.root / "serve.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                self.tree.cli("serve", "--config", str(self.config)),
-                cwd=self.tree.path,
-                env=self.tree.env(FORGE_WEBHOOK_SECRET=SECRET),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        proc = self.proc
-
-        def up() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{self.tree.label}: serve exited {proc.returncode}; see {self.root / 'serve.log'}")
-            return answers(f"{self.url}/healthz", lambda r: bool(r.json().get("forge_user")))
-
-        poll(up, timeout=60, what=f"{self.tree.label} serve")
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: what a crash does; nothing is flushed on the way out."""
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        for home in self.state_dir.glob("bottles/*/home"):
-            home.joinpath("go").touch()  # let any agent finish rather than be killed
-        if self.proc is not None:
-            end(self.proc)
-
-    def bottles(self) -> dict[str, str]:
-        """slug -> status, through the read API."""
-        response = http().get(f"{self.url}/api/bottles")
-        response.raise_for_status()
-        return {b["slug"]: b["status"] for b in response.json()}
-
-    def slug(self, issue: int) -> str:
-        return f"{self.forge.owner}-{self.repo}-{issue}".lower()
-
-    def home(self, issue: int) -> Path:
-        return self.state_dir / "bottles" / self.slug(issue) / "home"
-
-    def socket(self, issue: int) -> Path:
-        return self.state_dir / "sidecars" / self.slug(issue) / "forge.sock"
-
-    def launch(self) -> int:
-        return self.forge.open_issue(self.repo)
-
-    def wait_status(self, issue: int, status: str) -> None:
-        slug = self.slug(issue)
-        poll(lambda: self.bottles().get(slug) == status, timeout=60, what=f"{slug} {status}", every=0.05)
-
-
-@contextlib.contextmanager
-def serving(tree: Tree, root: Path, forge: Forge) -> Iterator[Serve]:
-    root.mkdir(parents=True)
-    serve = Serve(tree, root, forge)
-    forge.add_repo(serve.repo, serve.url + "/webhook")
-    try:
-        yield serve.start()
-    finally:
-        serve.stop()
-
+from typing import Any
+
+import httpx
+import targets_gateway
+import uvicorn
+from benchlib import (
+    OLD_REV,
+    OLD_SCHEMA,
+    ROOT,
+    SECRET,
+    SMOKE,
+    Figure,
+    Forge,
+    Guard,
+    Row,
+    Serve,
+    Sizes,
+    Tree,
+    answers,
+    child,
+    devforge,
+    free_port,
+    http,
+    median,
+    pct,
+    poll,
+    rotated,
+    run_devforge,
+    serving,
+    settled_rss,
+)
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from bottles import find_bwrap
+from statemachine import BottleState
+from store import ForgeState, Store
 
 # -- 1. webhook intake ---------------------------------------------------------------------------
 
@@ -496,12 +200,6 @@ def bench_intake(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> d
     return out
 
 
-def rotated(items: list[T], r: int) -> list[T]:
-    """``items`` starting at ``r``: which side goes first changes from round to round."""
-    k = r % len(items) if items else 0
-    return items[k:] + items[:k]
-
-
 # -- 2. the sidecar's read_issue -----------------------------------------------------------------
 
 
@@ -628,8 +326,14 @@ def bench_launch(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> d
 # -- 4. the CLI ----------------------------------------------------------------------------------
 
 
-def fill_store(path: Path, count: int) -> None:
-    """``count`` frozen bottles straight into SQLite (both trees share the schema)."""
+def fill_store(path: Path, count: int, schema: int | None = None) -> None:
+    """``count`` frozen bottles straight into SQLite, with this tree's ``Store``. ``schema``, or
+    the version the file had, is stamped back afterwards: the versions since the old tree's only
+    added columns and an index (``store.MIGRATIONS``), which its queries never name, but it
+    refuses a file newer than it knows."""
+    if schema is None and path.exists():
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            schema = int(db.execute("PRAGMA user_version").fetchone()[0]) or None
     store = Store(path)
     at, frozen = "2026-01-01T00:00:00.000+00:00", BottleState.FROZEN
     with store.transaction() as db:
@@ -638,13 +342,17 @@ def fill_store(path: Path, count: int) -> None:
             state = ForgeState("acme", "widgets", n, f"acme-widgets-{n}", "implementer", frozen, at, at, issue_url=url)
             store.upsert(state, db)
     store.close()
+    if schema is not None:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute(f"PRAGMA user_version = {int(schema)}")
 
 
 def bench_cli(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> dict[str, Any]:
     """Each command a fresh process, as a user runs it; rounds run every command in rotated order,
     and each figure is a median over rounds."""
-    state = root / "state"
-    fill_store(state / "bot-bottle.db", sizes.cli_bottles)
+    states = {t.label: root / f"state-{t.label}" for t in trees}
+    for tree in trees:
+        fill_store(states[tree.label] / "bot-bottle.db", sizes.cli_bottles, OLD_SCHEMA if tree.rev == OLD_REV else None)
     by_label = {t.label: t for t in trees}
     commands: dict[tuple[str, str], list[str]] = {("", "pass"): [sys.executable, "-c", "pass"]}
     for tree in trees:
@@ -653,7 +361,7 @@ def bench_cli(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> dict
 
     def run(key: tuple[str, str]) -> float:
         tree = by_label.get(key[0], Tree("", "", ROOT))
-        env = tree.env(FORGEBOTTLE_STATE_DIR=str(state))
+        env = tree.env(FORGEBOTTLE_STATE_DIR=str(states.get(key[0], root)))
         started = time.perf_counter()
         done = subprocess.run(commands[key], cwd=tree.path, env=env, capture_output=True, check=False)
         took = time.perf_counter() - started
@@ -682,39 +390,6 @@ def bench_cli(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> dict
 
 
 # -- 5. memory -----------------------------------------------------------------------------------
-
-
-def rss_kib(pid: int) -> int:
-    with contextlib.suppress(OSError, StopIteration):  # gone, or a zombie
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-        return next(int(line.split()[1]) for line in lines if line.startswith("VmRSS:"))
-    return 0
-
-
-def service_rss_kib(pid: int) -> int:
-    """serve's RSS with that of any Python helper it runs (the old tree's WAL sync process); the
-    bottles, its other children, are the agents' cost, not the service's."""
-    total = rss_kib(pid)
-    exe = os.readlink(f"/proc/{pid}/exe")
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) if entry.name.isdigit() else 0
-            if parent == pid and os.readlink(entry / "exe") == exe:
-                total += rss_kib(int(entry.name))
-    return total
-
-
-def settled_rss(pid: int) -> int:
-    """RSS once two readings 0.2 s apart agree within 1% (it still grows just after start-up)."""
-    readings = [service_rss_kib(pid)]
-
-    def steady() -> bool:
-        readings.append(service_rss_kib(pid))
-        return abs(readings[-1] - readings[-2]) <= readings[-2] / 100
-
-    with contextlib.suppress(RuntimeError):  # never steady within 10 s: take the last reading
-        poll(steady, timeout=10, what="steady RSS", every=0.2)
-    return readings[-1]
 
 
 def bench_memory(sizes: Sizes, root: Path, trees: list[Tree], guard: Guard) -> dict[str, Any]:
@@ -747,6 +422,8 @@ BENCHES: dict[str, Callable[[Sizes, Path, list[Tree], Guard], dict[str, Any]]] =
     "launch": bench_launch,
     "cli": bench_cli,
     "memory": bench_memory,
+    "gateway": targets_gateway.bench_gateway,
+    "models": targets_gateway.bench_models,
 }
 
 
@@ -765,8 +442,11 @@ def table(rows: list[Row], trees: list[Tree]) -> str:
     head = ["target", "measured against", *(f"{t.label} ({t.rev})" for t in trees), "met"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        limit = "= 0" if row.limit == 0 else f"{sign[row.higher_is_better]} {row.limit:g}{row.unit}".rstrip()
-        met = " → ".join({True: "yes", False: "**no**", None: "n/a"}[row.met(t.label)] for t in trees)
+        if row.limit is None:
+            limit, met = "(reported)", "—"
+        else:
+            limit = "= 0" if row.limit == 0 else f"{sign[row.higher_is_better]} {row.limit:g}{row.unit}".rstrip()
+            met = " → ".join({True: "yes", False: "**no**", None: "n/a"}[row.met(t.label)] for t in trees)
         cells = [f"{row.target} {limit}", row.against, *(fmt(row, t.label) for t in trees), met]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -800,6 +480,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args[:1] == ["_bare"]:
         run_bare(int(args[1]))
+        return 0
+    if args[:1] == ["_upstream"]:
+        targets_gateway.run_upstream(int(args[1]))
+        return 0
+    if args[:1] == ["_models"]:
+        targets_gateway.run_models()
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script works")
