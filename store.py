@@ -383,8 +383,8 @@ def _immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
-class Store:
-    """All persistent state. Thread-safe: one connection behind a lock."""
+class _Database:
+    """One SQLite connection behind a lock, its schema kept current: what the parts of Store share."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -441,105 +441,9 @@ class Store:
         with self._lock:
             return list(self._db.execute(sql, args).fetchall())
 
-    # -- forge_state ---------------------------------------------------------------
 
-    def upsert(self, state: ForgeState, db: sqlite3.Connection | None = None) -> None:
-        row = _state_to_row(state)
-        sql = f"INSERT OR REPLACE INTO forge_state ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})"
-        if db is not None:
-            db.execute(sql, list(row.values()))
-            return
-        with self.transaction() as tx:
-            tx.execute(sql, list(row.values()))
-
-    def get(self, owner: str, repo: str, issue: int) -> ForgeState | None:
-        rows = self._query(f"{_SELECT_STATE} WHERE owner = ? AND repo = ? AND issue_number = ?", (owner, repo, issue))
-        return _state_from_row(rows[0]) if rows else None
-
-    def known(self, slug: str) -> ForgeState:
-        """The bottle called ``slug``, live or not; UnknownBottle (404) for anything else."""
-        state = self.by_slug(slug) if valid_slug(slug) else None
-        if state is None:
-            raise UnknownBottle(f"no bottle {slug[:80]!r}" if valid_slug(slug) else f"invalid slug {slug[:80]!r}")
-        return state
-
-    def by_slug(self, slug: str) -> ForgeState | None:
-        rows = self._query(f"{_SELECT_STATE} WHERE slug = ?", (slug,))
-        if rows:
-            return _state_from_row(rows[0])
-        archived = self._query("SELECT row FROM forge_state_archive WHERE slug = ?", (slug,))
-        return _state_from_row(json.loads(archived[0]["row"])) if archived else None
-
-    def all(self, *, live_only: bool = False) -> list[ForgeState]:
-        where = ""
-        if live_only:
-            where = " WHERE status IN ({})".format(", ".join(f"'{s.value}'" for s in BottleState if s.live))
-        rows = self._query(f"{_SELECT_STATE}{where} ORDER BY owner, repo, issue_number")
-        return [_state_from_row(r) for r in rows]
-
-    def with_status(self, *states: BottleState) -> list[ForgeState]:
-        marks = ", ".join("?" for _ in states)
-        rows = self._query(
-            f"{_SELECT_STATE} WHERE status IN ({marks}) ORDER BY queued_seq, slug", [s.value for s in states]
-        )
-        return [_state_from_row(r) for r in rows]
-
-    def count_by_status(self) -> dict[str, int]:
-        rows = self._query("SELECT status, COUNT(*) AS n FROM forge_state GROUP BY status")
-        return {r["status"]: int(r["n"]) for r in rows}
-
-    def slug_taken(self, slug: str, db: sqlite3.Connection) -> bool:
-        return bool(
-            db.execute(
-                "SELECT 1 FROM forge_state WHERE slug = ? UNION SELECT 1 FROM forge_state_archive WHERE slug = ?",
-                (slug, slug),
-            ).fetchone()
-        )
-
-    def archive(self, state: ForgeState, at: str, db: sqlite3.Connection) -> None:
-        db.execute(
-            "INSERT OR REPLACE INTO forge_state_archive (slug, row, archived_at) VALUES (?, ?, ?)",
-            (state.slug, json.dumps(_state_to_row(state)), at),
-        )
-
-    def next_queue_seq(self, db: sqlite3.Connection) -> int:
-        return int(db.execute("SELECT COALESCE(MAX(queued_seq), 0) + 1 FROM forge_state").fetchone()[0])
-
-    def apply(self, state: ForgeState, record: TransitionRecord, db: sqlite3.Connection | None = None) -> None:
-        """Persist a transition the machine made: new status and its record, atomically."""
-        state.status = BottleState(record.dest)
-        state.updated_at = record.at
-
-        def write(tx: sqlite3.Connection) -> None:
-            tx.execute(
-                "UPDATE forge_state SET status = ?, updated_at = ?, queued_seq = ? WHERE slug = ?",
-                (state.status.value, state.updated_at, state.queued_seq, state.slug),
-            )
-            tx.execute(
-                "INSERT INTO transitions (slug, at, trigger, source, dest, reason) VALUES (?, ?, ?, ?, ?, ?)",
-                (state.slug, record.at, record.trigger, record.source, record.dest, record.reason),
-            )
-
-        if db is not None:
-            write(db)
-        else:
-            with self.transaction() as tx:
-                write(tx)
-
-    def set_fields(self, slug: str, db: sqlite3.Connection | None = None, **fields: Any) -> None:
-        assert fields and all(k in _STATE_COLUMNS for k in fields)
-        sql = f"UPDATE forge_state SET {', '.join(f'{k} = ?' for k in fields)} WHERE slug = ?"
-        if db is not None:
-            db.execute(sql, [*fields.values(), slug])
-            return
-        with self.transaction() as tx:
-            tx.execute(sql, [*fields.values(), slug])
-
-    def transitions(self, slug: str) -> list[dict[str, Any]]:
-        rows = self._query(
-            "SELECT at, trigger, source, dest, reason FROM transitions WHERE slug = ? ORDER BY id", (slug,)
-        )
-        return [dict(r) for r in rows]
+class _Inbox(_Database):
+    """The webhook inbox: every delivery, stored durably before it is answered."""
 
     # -- inbox -----------------------------------------------------------------------
 
@@ -616,6 +520,10 @@ class Store:
     def count_events(self) -> dict[str, int]:
         rows = self._query("SELECT status, COUNT(*) AS n FROM inbox GROUP BY status")
         return {r["status"]: int(r["n"]) for r in rows}
+
+
+class _Runs(_Database):
+    """Runs, the hash-chained operation log, and the prompts waiting for a run."""
 
     # -- runs --------------------------------------------------------------------------
 
@@ -748,12 +656,6 @@ class Store:
         )
         return int(rows[0]["n"])
 
-    def verify(self, slug: str) -> ChainCheck:
-        state = self.by_slug(slug)
-        if state is None:
-            raise StoreError(f"no bottle {slug!r}")
-        return verify_chain(slug, self.operations(slug), head=state.chain_head, count=state.op_count)
-
     # -- pending prompts -----------------------------------------------------------
 
     def add_pending(
@@ -787,6 +689,116 @@ class Store:
             [slug, *ops, since],
         )
         return int(rows[0]["n"])
+
+
+class Store(_Inbox, _Runs):
+    """All persistent state. Thread-safe: one connection behind a lock."""
+
+    def verify(self, slug: str) -> ChainCheck:
+        state = self.by_slug(slug)
+        if state is None:
+            raise StoreError(f"no bottle {slug!r}")
+        return verify_chain(slug, self.operations(slug), head=state.chain_head, count=state.op_count)
+
+    # -- forge_state ---------------------------------------------------------------
+
+    def upsert(self, state: ForgeState, db: sqlite3.Connection | None = None) -> None:
+        row = _state_to_row(state)
+        sql = f"INSERT OR REPLACE INTO forge_state ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})"
+        if db is not None:
+            db.execute(sql, list(row.values()))
+            return
+        with self.transaction() as tx:
+            tx.execute(sql, list(row.values()))
+
+    def get(self, owner: str, repo: str, issue: int) -> ForgeState | None:
+        rows = self._query(f"{_SELECT_STATE} WHERE owner = ? AND repo = ? AND issue_number = ?", (owner, repo, issue))
+        return _state_from_row(rows[0]) if rows else None
+
+    def known(self, slug: str) -> ForgeState:
+        """The bottle called ``slug``, live or not; UnknownBottle (404) for anything else."""
+        state = self.by_slug(slug) if valid_slug(slug) else None
+        if state is None:
+            raise UnknownBottle(f"no bottle {slug[:80]!r}" if valid_slug(slug) else f"invalid slug {slug[:80]!r}")
+        return state
+
+    def by_slug(self, slug: str) -> ForgeState | None:
+        rows = self._query(f"{_SELECT_STATE} WHERE slug = ?", (slug,))
+        if rows:
+            return _state_from_row(rows[0])
+        archived = self._query("SELECT row FROM forge_state_archive WHERE slug = ?", (slug,))
+        return _state_from_row(json.loads(archived[0]["row"])) if archived else None
+
+    def all(self, *, live_only: bool = False) -> list[ForgeState]:
+        where = ""
+        if live_only:
+            where = " WHERE status IN ({})".format(", ".join(f"'{s.value}'" for s in BottleState if s.live))
+        rows = self._query(f"{_SELECT_STATE}{where} ORDER BY owner, repo, issue_number")
+        return [_state_from_row(r) for r in rows]
+
+    def with_status(self, *states: BottleState) -> list[ForgeState]:
+        marks = ", ".join("?" for _ in states)
+        rows = self._query(
+            f"{_SELECT_STATE} WHERE status IN ({marks}) ORDER BY queued_seq, slug", [s.value for s in states]
+        )
+        return [_state_from_row(r) for r in rows]
+
+    def count_by_status(self) -> dict[str, int]:
+        rows = self._query("SELECT status, COUNT(*) AS n FROM forge_state GROUP BY status")
+        return {r["status"]: int(r["n"]) for r in rows}
+
+    def slug_taken(self, slug: str, db: sqlite3.Connection) -> bool:
+        return bool(
+            db.execute(
+                "SELECT 1 FROM forge_state WHERE slug = ? UNION SELECT 1 FROM forge_state_archive WHERE slug = ?",
+                (slug, slug),
+            ).fetchone()
+        )
+
+    def archive(self, state: ForgeState, at: str, db: sqlite3.Connection) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO forge_state_archive (slug, row, archived_at) VALUES (?, ?, ?)",
+            (state.slug, json.dumps(_state_to_row(state)), at),
+        )
+
+    def next_queue_seq(self, db: sqlite3.Connection) -> int:
+        return int(db.execute("SELECT COALESCE(MAX(queued_seq), 0) + 1 FROM forge_state").fetchone()[0])
+
+    def apply(self, state: ForgeState, record: TransitionRecord, db: sqlite3.Connection | None = None) -> None:
+        """Persist a transition the machine made: new status and its record, atomically."""
+        state.status = BottleState(record.dest)
+        state.updated_at = record.at
+
+        def write(tx: sqlite3.Connection) -> None:
+            tx.execute(
+                "UPDATE forge_state SET status = ?, updated_at = ?, queued_seq = ? WHERE slug = ?",
+                (state.status.value, state.updated_at, state.queued_seq, state.slug),
+            )
+            tx.execute(
+                "INSERT INTO transitions (slug, at, trigger, source, dest, reason) VALUES (?, ?, ?, ?, ?, ?)",
+                (state.slug, record.at, record.trigger, record.source, record.dest, record.reason),
+            )
+
+        if db is not None:
+            write(db)
+        else:
+            with self.transaction() as tx:
+                write(tx)
+
+    def set_fields(self, slug: str, db: sqlite3.Connection | None = None, **fields: Any) -> None:
+        assert fields and all(k in _STATE_COLUMNS for k in fields)
+        sql = f"UPDATE forge_state SET {', '.join(f'{k} = ?' for k in fields)} WHERE slug = ?"
+        if db is not None:
+            db.execute(sql, [*fields.values(), slug])
+            return
+        with self.transaction() as tx:
+            tx.execute(sql, [*fields.values(), slug])
+
+    def transitions(self, slug: str) -> list[dict[str, Any]]:
+        rows = self._query(
+            "SELECT at, trigger, source, dest, reason FROM transitions WHERE slug = ? ORDER BY id", (slug,)
+        )
+        return [dict(r) for r in rows]
 
     def by_pr(self, owner: str, repo: str, pr: int) -> ForgeState | None:
         rows = self._query(f"{_SELECT_STATE} WHERE owner = ? AND repo = ? AND pr_number = ?", (owner, repo, pr))
