@@ -327,7 +327,7 @@ async def run_git(
     *,
     auth: tuple[str, Secret] | None = None,
     check: bool = True,
-    timeout: float = GIT_TIMEOUT,
+    timeout: float = GIT_TIMEOUT,  # noqa: ASYNC109 - git's whole process group is killed when it passes
     hide: Sequence[str] = (),
 ) -> str:
     proc = await asyncio.create_subprocess_exec(

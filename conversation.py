@@ -302,7 +302,7 @@ class Conversation:
         command: str | None = Path(missing).name if missing else None
         if command is None and log is not None:
             try:
-                with open(log, "rb") as f:
+                with open(log, "rb") as f:  # noqa: ASYNC230 - the first 4 KiB of a local run log
                     command = missing_command(f.read(4096).decode("utf-8", "replace"))
             except OSError:
                 command = None

@@ -473,7 +473,7 @@ async def _relay(listener: socket.socket, path: str, parent: int) -> None:
     server = await asyncio.start_server(handle, sock=listener, limit=65536, backlog=1024)
     async with server:
         # Outside a sandbox nothing kills the relay with the agent: it leaves when orphaned.
-        while os.getppid() == parent:
+        while os.getppid() == parent:  # noqa: ASYNC110 - nothing in the stdlib signals a parent's death
             await asyncio.sleep(1.0)
 
 

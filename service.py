@@ -64,16 +64,22 @@ class Intake:
         self._queue: list[tuple[NewEvent, asyncio.Future[tuple[int, bool]]]] = []
         self._committer: asyncio.Task[None] | None = None
         self.last_arrival = float("-inf")  # monotonic
+        self._arrived = asyncio.Event()
 
     async def quiet(self) -> None:
         """Return once no webhook has arrived for INTAKE_QUIET, or after MAX_DEFERRAL."""
-        deadline = time.monotonic() + MAX_DEFERRAL
-        while time.monotonic() - self.last_arrival < INTAKE_QUIET and time.monotonic() < deadline:
-            await asyncio.sleep(INTAKE_QUIET)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(MAX_DEFERRAL):
+                while time.monotonic() - self.last_arrival < INTAKE_QUIET:
+                    self._arrived.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(INTAKE_QUIET):
+                            await self._arrived.wait()
 
     async def add(self, event: NewEvent) -> tuple[int, bool]:
         """(event id, is new), once the event is committed at synchronous=FULL."""
         self.last_arrival = time.monotonic()
+        self._arrived.set()
         future: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
         self._queue.append((event, future))
         if self._committer is None or self._committer.done():
