@@ -310,11 +310,14 @@ class Rules:
         bottles = labelled(issue.labels, BOTTLE_LABEL)[:1] or ["local"]
         # Who asked matters as much as what the issue says: an outsider who edits and reopens
         # a closed issue must not start an agent on her text.
-        if not await self.trusted(owner, repo, sender):
+        # The sender's trust and the assignees' membership are independent reads: made together.
+        trusted, flags = await asyncio.gather(
+            self.trusted(owner, repo, sender), asyncio.gather(*(self.is_member(a) for a in issue.assignees))
+        )
+        if not trusted:
             return Ignore(
                 f"{sender or 'nobody'} is neither a member of {self.config.org} nor a writer on {owner}/{repo}"
             )
-        flags = await asyncio.gather(*(self.is_member(a) for a in issue.assignees))
         members = [a for a, member in zip(issue.assignees, flags, strict=True) if member]
         if not members:
             who = ", ".join(issue.assignees) or "nobody"
