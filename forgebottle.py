@@ -368,8 +368,8 @@ def orchestrate_status(config_file: str | None, as_json: bool, show_all: bool) -
     if not states:
         click.echo("no live bottles")
         return
-    denied = store.egress_denials()
-    rows = [("SLUG", "STATE", "AGENT", "AGE", "CHECK-IN", "ISSUE", "PR", "DENIED")]
+    denied, tokens = store.egress_denials(), store.model_tokens_by_bottle()
+    rows = [("SLUG", "STATE", "AGENT", "AGE", "CHECK-IN", "ISSUE", "PR", "TOKENS", "DENIED")]
     for s in states:
         rows.append(
             (
@@ -380,6 +380,7 @@ def orchestrate_status(config_file: str | None, as_json: bool, show_all: bool) -
                 _age(s.last_checkin_at),
                 s.issue_url or f"{s.owner}/{s.repo}#{s.issue_number}",
                 s.pr_url or "-",
+                str(tokens.get(s.slug, 0)),  # model tokens, all runs
                 str(denied.get(s.slug, 0)),  # refused egress
             )
         )

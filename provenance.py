@@ -159,6 +159,19 @@ def summary(doc: dict[str, Any]) -> str:
             f"  run {run['n']} ({run['trigger']}, {run['started_at']} .. {run['ended_at'] or 'running'}): {outcome}"
             + (f"; secret scan refused {scan}" if scan else "")
         )
+        for model, used in run.get("usage", {}).items():
+            budget = run.get("budget") or {}
+            cap = f" of a budget of {budget['tokens']}" if budget.get("tokens") else ""
+            spent = "; budget exhausted" if budget.get("exhausted") else ""
+            lines.append(
+                f"      model {model}: {used.get('requests', 0)} calls, {used.get('input_tokens', 0)} tokens in, "
+                f"{used.get('output_tokens', 0)} out{cap}{spent}"
+            )
+        egress = run.get("egress") or {}
+        if egress.get("hosts") or egress.get("denied"):
+            hosts = ", ".join(f"{h['host']}:{h['port']}" for h in egress.get("hosts", [])[:5]) or "none"
+            refused = egress.get("denied_total", len(egress.get("denied", [])))
+            lines.append(f"      egress: {hosts}; {refused} refused")
     for op in doc["operations"]:
         mark = {"ok": " ", "denied": "!", "error": "x"}.get(op["outcome"], "?")
         lines.append(f"  {mark} {op['seq']:>3} run {op['run']}  {op['detail']}")

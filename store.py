@@ -175,6 +175,10 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (owner, repo, issue, kind, key)
     ) WITHOUT ROWID;
     """,
+    # 7: model tokens per bottle for `orchestrate status`, without a scan of every operation.
+    """
+    CREATE INDEX operations_model ON operations (slug) WHERE op = 'model';
+    """,
 ]
 
 
@@ -643,6 +647,15 @@ class _Runs(_Database):
         rows = self._query(
             "SELECT slug, COUNT(*) AS n FROM operations WHERE outcome = 'denied' AND op IN ('egress', 'model') "
             "GROUP BY slug"
+        )
+        return {r["slug"]: int(r["n"]) for r in rows}
+
+    def model_tokens_by_bottle(self) -> dict[str, int]:
+        """Tokens (read and written) each bottle's model calls used, over all its runs."""
+        rows = self._query(
+            "SELECT slug, COALESCE(SUM(json_extract(data, '$.usage.input_tokens')), 0) "
+            "+ COALESCE(SUM(json_extract(data, '$.usage.output_tokens')), 0) AS n "
+            "FROM operations WHERE op = 'model' AND data IS NOT NULL GROUP BY slug"
         )
         return {r["slug"]: int(r["n"]) for r in rows}
 

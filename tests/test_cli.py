@@ -108,3 +108,38 @@ def test_logs_are_levelled_for_journald_and_readable_on_a_terminal(
     text.start()
     assert text.stop() == 0
     assert any(" INFO    forgebottle 0.1.0 serving on " in line for line in text.log.read_text().splitlines())
+
+
+TALKING_AGENT = """#!/bin/sh
+echo "first line"
+while [ ! -f "$HOME/go" ]; do sleep 0.05; done
+echo "second line"
+forge done success "talked"
+"""
+
+
+@needs_bwrap
+def test_logs_follow_a_running_run_until_it_ends(pyz: Path, rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(scripts={"talk": TALKING_AGENT}).start()
+    issue = rig.open_issue(agent="talk")
+    state = rig.wait_state(issue.number, BottleState.RUNNING)
+    extra = {"SHIV_ROOT": str(pyz.parent / ".shiv-cli"), "FORGEBOTTLE_STATE_DIR": str(rig.state_dir)}
+    follow = subprocess.Popen(
+        [sys.executable, str(pyz), "logs", state.slug, "-f"],
+        env=clean_env(**extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follow.stdout is not None
+        assert follow.stdout.readline() == "first line\n"  # printed while the run goes on
+        assert follow.poll() is None
+        rig.home(state.slug).joinpath("go").touch()
+        out, err = follow.communicate(timeout=60)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+    assert follow.returncode == 0, err
+    assert "second line" in out
+    rig.wait_state(issue.number, BottleState.FROZEN, runs=1)

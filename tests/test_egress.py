@@ -841,6 +841,18 @@ def test_status_shows_denials_without_the_model_key(short_tmp: Path) -> None:
         store.append_operation(
             "o-r-1", run=1, at="t", op="egress", target=f"e{n}:443", outcome="denied", detail="d", duration_ms=0
         )
+    usage = {"input_tokens": 1200, "output_tokens": 34}
+    store.append_operation(
+        "o-r-1",
+        run=1,
+        at="t",
+        op="model",
+        target="m:443",
+        outcome="ok",
+        detail="d",
+        duration_ms=0,
+        data={"model": "m", "host": "m", "port": 443, "usage": usage},
+    )
     store.close()
     config = short_tmp / "config.toml"
     config.write_text(
@@ -853,6 +865,7 @@ def test_status_shows_denials_without_the_model_key(short_tmp: Path) -> None:
     assert table.returncode == 0, table.stderr
     header, row = table.stdout.splitlines()[:2]
     assert row.split()[header.split().index("DENIED")] == "3"
+    assert row.split()[header.split().index("TOKENS")] == "1234"
     listed = subprocess.run([*argv, "--json"], capture_output=True, text=True, env=env, timeout=60, check=True)
     assert json.loads(listed.stdout)[0]["egress_denied"] == 3
     figures("egress_status", denied=3)

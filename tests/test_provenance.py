@@ -254,3 +254,41 @@ def test_logs_are_json_lines_without_secrets(forge: Forge, serve_factory: Callab
         assert secret not in serve.log.read_text()
         assert secret not in json.dumps(doc)
         assert secret not in metrics
+
+
+def test_the_summary_shows_usage_and_egress(tmp_path: Path) -> None:
+    from provenance import provenance, summary
+    from store import ForgeState
+
+    store = Store(tmp_path / "db")
+    store.upsert(ForgeState("o", "r", 1, "o-r-1", "a", BottleState.FROZEN, "t", "t"))
+    store.start_run(
+        "o-r-1", trigger="issues", prompt_sha256="0" * 64, started_at="t", network="gateway", sandbox="bwrap"
+    )
+    store.append_operation(
+        "o-r-1",
+        run=1,
+        at="t",
+        op="model",
+        target="m:443",
+        outcome="ok",
+        detail="d",
+        duration_ms=1.0,
+        data={"model": "m", "host": "m", "port": 443, "usage": {"input_tokens": 1200, "output_tokens": 34}},
+    )
+    store.append_operation(
+        "o-r-1",
+        run=1,
+        at="t",
+        op="egress",
+        target="evil.test:443",
+        outcome="denied",
+        detail="d",
+        duration_ms=0.0,
+        data={"host": "evil.test", "port": 443, "reason": "not allowed"},
+    )
+    text = summary(provenance(store, "o-r-1"))
+    assert "      model m: 1 calls, 1200 tokens in, 34 out" in text
+    assert "      egress: " in text and "1 refused" in text
+    assert text.splitlines()[-1].startswith("  chain verified: 2 operations")
+    store.close()

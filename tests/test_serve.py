@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 
@@ -20,9 +22,9 @@ def failed(serve: ServeProcess) -> str:
     return text
 
 
-def test_a_second_serve_on_the_same_state_is_refused(serve_factory: Callable[..., ServeProcess]) -> None:
-    first = serve_factory().start()
-    second = serve_factory()
+def test_a_second_serve_on_the_same_state_is_refused(serve_factory: Callable[..., ServeProcess], pyz: Path) -> None:
+    first = serve_factory(command=[sys.executable, str(pyz)]).start()
+    second = serve_factory(command=[sys.executable, str(pyz)])
     second.config.write_text(first.config.read_text().replace(f":{first.port}", f":{second.port}"))
     second.start(wait=False)
     assert first.proc is not None
@@ -31,8 +33,8 @@ def test_a_second_serve_on_the_same_state_is_refused(serve_factory: Callable[...
     assert first.stop() == 0
 
 
-def test_an_address_in_use_is_one_line(serve_factory: Callable[..., ServeProcess]) -> None:
-    serve = serve_factory()
+def test_an_address_in_use_is_one_line(serve_factory: Callable[..., ServeProcess], pyz: Path) -> None:
+    serve = serve_factory(command=[sys.executable, str(pyz)])
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", serve.port))
         taken.listen()
@@ -40,17 +42,17 @@ def test_an_address_in_use_is_one_line(serve_factory: Callable[..., ServeProcess
         assert f"cannot listen on 127.0.0.1:{serve.port}" in failed(serve)
 
 
-def test_a_refused_token_stops_serve(serve_factory: Callable[..., ServeProcess]) -> None:
-    serve = serve_factory()
+def test_a_refused_token_stops_serve(serve_factory: Callable[..., ServeProcess], pyz: Path) -> None:
+    serve = serve_factory(command=[sys.executable, str(pyz)])
     (serve.home / "token").write_text("0" * 40)
     serve.start(wait=False)
     assert "the forge refused the token (401)" in failed(serve)
 
 
 def test_healthz_says_503_while_the_forge_is_unreachable(
-    forge: Forge, serve_factory: Callable[..., ServeProcess]
+    forge: Forge, serve_factory: Callable[..., ServeProcess], pyz: Path
 ) -> None:
-    serve = serve_factory().start()
+    serve = serve_factory(command=[sys.executable, str(pyz)]).start()
     assert httpx.get(f"{serve.url}/healthz", timeout=10).json()["status"] == "ok"
     forge.server.stop()
     body = json.dumps(
