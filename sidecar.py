@@ -10,6 +10,7 @@ forgebottle secret on its way out (``answer``).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -295,8 +296,11 @@ class Dispatcher:
     def __init__(self, access: BottleAccess) -> None:
         self.access = access
         # Writes allowed but not yet on the record: counted against the limit, so concurrent
-        # calls cannot all pass the check before any of them is recorded.
+        # calls cannot all pass the check before any of them is recorded. The ledger lock makes
+        # a write's record and the release of its reservation one step for the check, which
+        # would otherwise count a write twice (on the record and still reserved) in between.
         self.reserved = 0
+        self._ledger = asyncio.Lock()
 
     async def handle_body(self, raw: bytes) -> Any:
         """The response document for a request body, or None when nothing is owed (notifications)."""
@@ -350,9 +354,10 @@ class Dispatcher:
                 raise NotRunning("bottle is not running")
             if method in WRITES:
                 limit = self.access.write_limit()
-                if self.access.writes_in_last_hour() + self.reserved >= limit:
-                    raise RateLimited(f"rate limited ({limit} writes/hour)")
-                self.reserved += 1
+                async with self._ledger:
+                    if self.access.writes_in_last_hour() + self.reserved >= limit:
+                        raise RateLimited(f"rate limited ({limit} writes/hour)")
+                    self.reserved += 1
                 reserved = True
             result = await self.invoke(method, params)
         except ForgeBottleError as exc:
@@ -364,10 +369,7 @@ class Dispatcher:
                 detail = f"rejected {str(method)[:64] if isinstance(method, str) else 'request'}: {message}"
             failure = operator_detail(exc) if isinstance(exc, (ForgeError, BottleError)) else ""
             failure = "" if failure == message else failure
-            try:
-                await self._log(name, target, outcome, detail, _ms(started), code, failure)
-            finally:
-                self.reserved -= reserved
+            await self._settle(reserved, name, target, outcome, detail, _ms(started), code, failure)
             data = None
             if isinstance(exc, PushRefused):
                 data = {"findings": [dataclasses.asdict(f) for f in exc.findings]}
@@ -378,10 +380,7 @@ class Dispatcher:
             detail = sentence(method, target, "ok", result, f"{params['status']}: {params['summary'][:200]}")
         else:
             detail = sentence(method, target, "ok", result, "")
-        try:
-            await self._log(method, target, "ok", detail, _ms(started))
-        finally:
-            self.reserved -= reserved
+        await self._settle(reserved, method, target, "ok", detail, _ms(started))
         return None if notification else {"jsonrpc": "2.0", "id": rid, "result": result}
 
     async def invoke(self, method: str, params: dict[str, Any]) -> Any:
@@ -428,6 +427,17 @@ class Dispatcher:
         if method == "refresh":
             return await self.access.refresh()
         raise RpcError(METHOD_NOT_FOUND, f"unknown method {method!r}")
+
+    async def _settle(self, reserved: bool, *record: Any) -> None:
+        """Record a call; a reserved write's reservation ends as its record lands."""
+        if not reserved:
+            await self._log(*record)
+            return
+        async with self._ledger:
+            try:
+                await self._log(*record)
+            finally:
+                self.reserved -= 1
 
     async def _log(
         self,
