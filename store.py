@@ -407,10 +407,6 @@ class _Database:
         with self._lock:
             self._db.close()
 
-    @property
-    def version(self) -> int:
-        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
-
     def _migrate(self) -> None:
         with self.transaction() as db:
             current = int(db.execute("PRAGMA user_version").fetchone()[0])
@@ -483,10 +479,6 @@ class _Inbox(_Database):
         """The oldest pending events, in arrival order."""
         rows = self._query("SELECT * FROM inbox WHERE status = 'pending' ORDER BY id LIMIT ?", (limit,))
         return [self._event(r) for r in rows]
-
-    def event(self, event_id: int) -> InboxEvent | None:
-        rows = self._query("SELECT * FROM inbox WHERE id = ?", (event_id,))
-        return self._event(rows[0]) if rows else None
 
     @staticmethod
     def _event(row: sqlite3.Row) -> InboxEvent:
@@ -706,12 +698,6 @@ class _Runs(_Database):
 
 class Store(_Inbox, _Runs):
     """All persistent state. Thread-safe: one connection behind a lock."""
-
-    def verify(self, slug: str) -> ChainCheck:
-        state = self.by_slug(slug)
-        if state is None:
-            raise StoreError(f"no bottle {slug!r}")
-        return verify_chain(slug, self.operations(slug), head=state.chain_head, count=state.op_count)
 
     # -- forge_state ---------------------------------------------------------------
 

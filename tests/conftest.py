@@ -7,12 +7,14 @@ webhooks from devforge, the sidecar socket) and read the SQLite file it writes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import resource
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -31,7 +33,7 @@ from devforge import ServerThread
 from gitea import Gitea
 from service import Service
 from statemachine import BottleState
-from store import ForgeState, Store
+from store import ChainCheck, ForgeState, InboxEvent, Store, verify_chain
 from web import create_app
 
 T = TypeVar("T")
@@ -506,3 +508,26 @@ def serve_factory(forge: Forge, short_tmp: Path) -> Iterator[Callable[..., Serve
         if process.proc is not None and process.proc.poll() is None:
             process.proc.kill()
             process.proc.wait(timeout=30)
+
+
+def verified_chain(store: Store, slug: str) -> ChainCheck:
+    """The bottle's hash chain recomputed, as ``provenance --verify`` does."""
+    state = store.known(slug)
+    return verify_chain(slug, store.operations(slug), head=state.chain_head, count=state.op_count)
+
+
+def stored_event(store: Store, event_id: int) -> InboxEvent | None:
+    """One stored webhook with its body, read from the database file."""
+    with contextlib.closing(sqlite3.connect(store.path)) as db:
+        db.row_factory = sqlite3.Row
+        row = db.execute("SELECT * FROM inbox WHERE id = ?", (event_id,)).fetchone()
+    if row is None:
+        return None
+    fields = ("received_at", "delivery", "event_type", "status", "reason", "slug")
+    text = {name: str(row[name]) for name in fields}
+    return InboxEvent(id=int(row["id"]), body=bytes(row["body"]), attempts=int(row["attempts"]), **text)
+
+
+def schema_version(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])

@@ -28,6 +28,7 @@ from tests.conftest import (
     post_webhook,
     read_when,
     sign,
+    verified_chain,
 )
 
 pytestmark = needs_bwrap
@@ -108,7 +109,7 @@ def test_a_lone_surrogate_is_refused_and_never_wedges_a_slot(rig_factory: Callab
     # The slot is free again: the next bottle runs.
     _, second = rig.run_once()
     assert second.status is BottleState.FROZEN
-    assert rig.store.verify(state.slug).verified
+    assert verified_chain(rig.store, state.slug).verified
     print(f"\nFIGURES surrogates: refused={len(rejected)}, recorded={len(rejected)}, wedged_slots=0")
 
 
@@ -132,7 +133,7 @@ def test_every_kind_of_record_verifies(rig_factory: Callable[..., Rig]) -> None:
     outcomes = sorted({(o.op, o.outcome) for o in rig.store.operations(state.slug)})
     assert ("invalid", "error") in outcomes and ("post_comment", "denied") in outcomes
     assert ("read_issue", "ok") in outcomes and ("signal_done", "ok") in outcomes
-    check = rig.store.verify(state.slug)
+    check = verified_chain(rig.store, state.slug)
     assert check.verified, check
     verify = subprocess.run(
         [sys.executable, str(ROOT / "forgebottle.py"), "provenance", state.slug, "--verify"],

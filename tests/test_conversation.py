@@ -20,7 +20,7 @@ import devforge as df
 from config import AgentSpec, BottleSpec
 from statemachine import BottleState
 from store import chain_hash, genesis
-from tests.conftest import HAVE_BWRAP, ROOT, Forge, Rig, open_issue, serve_forge, wait_until
+from tests.conftest import HAVE_BWRAP, ROOT, Forge, Rig, open_issue, serve_forge, verified_chain, wait_until
 
 MARK = "<!-- forgebottle:status "
 EXPLAIN = "<!-- forgebottle:explain -->"
@@ -325,7 +325,7 @@ def test_an_edited_and_rehashed_chain_is_caught_by_the_anchor_on_the_forge(
                 (op.detail, op.hash, state.slug, op.seq),
             )
         db.execute("UPDATE forge_state SET chain_head = ? WHERE slug = ?", (head, state.slug))
-    assert rig.store.verify(state.slug).verified  # the record alone cannot tell
+    assert verified_chain(rig.store, state.slug).verified  # the record alone cannot tell
     bad = provenance_verify(rig, state.slug, short_tmp)
     assert bad.returncode == 1
     assert "the forge's anchor disagrees: run 1: the record's chain head" in bad.stderr

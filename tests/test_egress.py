@@ -30,7 +30,7 @@ import trustme
 from config import Config, ConfigError, EgressSpec, Secret
 from egress import Budget, EgressEvent, Gateway, Route, Usage
 from egress_policy import Denied, Guard, Policy, address_problem, parse_authority, parse_host
-from tests.conftest import ROOT, free_port, wait_until
+from tests.conftest import ROOT, free_port, verified_chain, wait_until
 
 CONNECTS = 10_000
 MODEL_KEY = "sk-ant-REAL-" + "7" * 32
@@ -818,14 +818,14 @@ def test_data_is_under_the_hash_and_old_chains_still_verify(tmp_path: Path) -> N
         "o-r-1", run=1, at="t", op="egress", target="pypi.org:443", outcome="ok", detail="d", duration_ms=2, data=data
     )
     assert "data" not in plain.content() and egress.content()["data"] == data
-    assert store.operations("o-r-1")[1].data == data and store.verify("o-r-1").verified
+    assert store.operations("o-r-1")[1].data == data and verified_chain(store, "o-r-1").verified
     store.append_operation(
         "o-r-1", run=1, at="t", op="egress", target="x:443", outcome="denied", detail="d", duration_ms=0, data={}
     )
     assert store.egress_denials() == {"o-r-1": 1}
     with store.transaction() as db:  # an edit of the data alone breaks the chain
         db.execute("UPDATE operations SET data = ? WHERE seq = 2", ('{"bytes_down":1}',))
-    check = store.verify("o-r-1")
+    check = verified_chain(store, "o-r-1")
     assert not check.verified and check.broken_seq == 2
     store.close()
 

@@ -9,6 +9,7 @@ import pytest
 
 from statemachine import Bottle, BottleState, Trigger, fire
 from store import MIGRATIONS, ForgeState, NewEvent, Operation, Store, StoreError, chain_hash, genesis
+from tests.conftest import schema_version, verified_chain
 
 
 def state(owner: str = "acme", repo: str = "widgets", issue: int = 17, **kw: object) -> ForgeState:
@@ -86,7 +87,7 @@ def test_migrates_an_empty_file(tmp_path: Path) -> None:
     path = tmp_path / "empty.db"
     path.touch()
     store = Store(path)
-    assert store.version == len(MIGRATIONS)
+    assert schema_version(store.path) == len(MIGRATIONS)
     with sqlite3.connect(path) as db:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -179,13 +180,13 @@ def test_operations_written_before_the_without_rowid_migration_still_verify(tmp_
             "WITHOUT ROWID" not in db.execute("SELECT sql FROM sqlite_master WHERE name = 'operations'").fetchone()[0]
         )
     store = Store(path)
-    assert store.version == len(MIGRATIONS)
+    assert schema_version(store.path) == len(MIGRATIONS)
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert "WITHOUT ROWID" in db.execute("SELECT sql FROM sqlite_master WHERE name = 'operations'").fetchone()[0]
     assert store.operations("acme-widgets-17") == appended
-    assert store.verify("acme-widgets-17").verified
+    assert verified_chain(store, "acme-widgets-17").verified
     append_read(store, 3)
-    assert store.verify("acme-widgets-17").verified
+    assert verified_chain(store, "acme-widgets-17").verified
 
 
 def test_operation_chain_detects_edits_and_deletions(tmp_path: Path) -> None:
@@ -193,15 +194,15 @@ def test_operation_chain_detects_edits_and_deletions(tmp_path: Path) -> None:
     store.upsert(state())
     for n in range(4):
         append_read(store, n)
-    assert store.verify("acme-widgets-17").verified
+    assert verified_chain(store, "acme-widgets-17").verified
     with sqlite3.connect(tmp_path / "db") as db:
         db.execute("UPDATE operations SET detail = 'nothing' WHERE seq = 2")
-    check = store.verify("acme-widgets-17")
+    check = verified_chain(store, "acme-widgets-17")
     assert (check.verified, check.broken_seq) == (False, 2)
     with sqlite3.connect(tmp_path / "db") as db:
         db.execute("UPDATE operations SET detail = 'read issue #17' WHERE seq = 2")
         db.execute("DELETE FROM operations WHERE seq = 4")
-    check = store.verify("acme-widgets-17")
+    check = verified_chain(store, "acme-widgets-17")
     assert not check.verified and "missing" in check.problem
 
 
@@ -235,7 +236,7 @@ def test_migrates_forward_from_version_1(tmp_path: Path) -> None:
             "updated_at) VALUES ('o', 'r', 1, 'o-r-1', 'a', 'frozen', 't', 't')"
         )
     store = Store(path)
-    assert store.version == len(MIGRATIONS)
+    assert schema_version(store.path) == len(MIGRATIONS)
     old = store.by_slug("o-r-1")
     assert old is not None and old.status is BottleState.FROZEN and (old.api_url, old.org) == ("", "")
 

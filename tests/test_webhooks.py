@@ -28,6 +28,7 @@ from tests.conftest import (
     read_when,
     serve_forge,
     sign,
+    stored_event,
 )
 
 pytestmark = needs_bwrap
@@ -128,7 +129,7 @@ def test_form_hooks_are_signed_over_the_json(rig: Rig) -> None:
     form = urlencode({"payload": payload.decode()}).encode()
     ok = post_webhook(rig.url, form, "push", signature=sign(payload), content_type="application/x-www-form-urlencoded")
     assert ok.status_code == 200 and ok.json()["reason"] == "event type 'push' is not one forgebottle acts on"
-    assert rig.store.event(ok.json()["event"]).body == payload  # type: ignore[union-attr]
+    assert stored_event(rig.store, ok.json()["event"]).body == payload  # type: ignore[union-attr]
     bad = post_webhook(
         rig.url, form + b"&x=1", "push", signature=sign(form), content_type="application/x-www-form-urlencoded"
     )
@@ -271,7 +272,7 @@ def test_irrelevant_events_are_recorded_as_ignored_at_intake(rig: Rig) -> None:
     answer = post_webhook(rig.url, payload, "issues", signature=sign(payload))
     assert answer.status_code == 200
     assert answer.json()["reason"] == "issues action 'deleted' is not one forgebottle acts on"
-    event = rig.store.event(answer.json()["event"])
+    event = stored_event(rig.store, answer.json()["event"])
     assert event is not None and (event.status, event.reason) == ("ignored", answer.json()["reason"])
     hostile = json.dumps(
         {
@@ -284,7 +285,7 @@ def test_irrelevant_events_are_recorded_as_ignored_at_intake(rig: Rig) -> None:
     accepted = post_webhook(rig.url, hostile, "issues", signature=sign(hostile))
     assert accepted.status_code == 202
     rig.wait_events_done()
-    assert rig.store.event(accepted.json()["event"]).reason == "payload names no repository"  # type: ignore[union-attr]
+    assert stored_event(rig.store, accepted.json()["event"]).reason == "payload names no repository"  # type: ignore[union-attr]
 
 
 def test_unhashable_action_is_ignored_not_a_500(rig: Rig) -> None:
@@ -346,7 +347,7 @@ def test_a_stale_label_in_the_payload_is_decided_on_the_issue_as_it_is(rig: Rig)
     answer = post_webhook(rig.url, payload, "issues", signature=sign(payload))
     assert answer.status_code == 202
     rig.wait_events_done()
-    event = rig.store.event(answer.json()["event"])
+    event = stored_event(rig.store, answer.json()["event"])
     assert event is not None and event.status == "ignored"
     assert event.reason == f"issue #{issue.number} has no bot-bottle:<agent> label"
     assert rig.bottle(issue.number) is None
