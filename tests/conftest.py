@@ -92,6 +92,17 @@ class Forge:
 
 
 @pytest.fixture
+def figures(capsys: pytest.CaptureFixture[str]) -> Callable[..., None]:
+    """Print a test's ``FIGURES name: k=v, ...`` line past pytest's capture, into CI's output."""
+
+    def report(name: str, **counts: Any) -> None:
+        with capsys.disabled():
+            print(f"\nFIGURES {name}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+
+    return report
+
+
+@pytest.fixture
 def short_tmp() -> Iterator[Path]:
     # Unix socket paths are capped at 108 bytes; pytest's tmp_path can be longer.
     path = Path(tempfile.mkdtemp(prefix="fb-", dir="/tmp"))

@@ -92,7 +92,9 @@ result["done"] = raw(call + b'"signal_done","params":{"status":"success","summar
 """
 
 
-def test_a_lone_surrogate_is_refused_and_never_wedges_a_slot(rig_factory: Callable[..., Rig]) -> None:
+def test_a_lone_surrogate_is_refused_and_never_wedges_a_slot(
+    rig_factory: Callable[..., Rig], figures: Callable[..., None]
+) -> None:
     # The agent's last act is a signal_done whose summary holds a lone surrogate; then it exits.
     rig = rig_factory(scripts={"surrogate": agent(SURROGATES)}, max_running=1).start()
     issue = rig.open_issue(agent="surrogate")
@@ -110,7 +112,7 @@ def test_a_lone_surrogate_is_refused_and_never_wedges_a_slot(rig_factory: Callab
     _, second = rig.run_once()
     assert second.status is BottleState.FROZEN
     assert verified_chain(rig.store, state.slug).verified
-    print(f"\nFIGURES surrogates: refused={len(rejected)}, recorded={len(rejected)}, wedged_slots=0")
+    figures("surrogates", refused=len(rejected), recorded=len(rejected), wedged_slots=0)
 
 
 # -- finding 6: one malformed request broke verification for good --------------------------
@@ -126,7 +128,7 @@ result["done"] = rpc("signal_done", status="success", summary="every kind of rec
 """
 
 
-def test_every_kind_of_record_verifies(rig_factory: Callable[..., Rig]) -> None:
+def test_every_kind_of_record_verifies(rig_factory: Callable[..., Rig], figures: Callable[..., None]) -> None:
     rig = rig_factory(scripts={"records": agent(EVERY_RECORD)}).start()
     issue = rig.open_issue(agent="records")
     state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1, timeout=60)
@@ -143,7 +145,7 @@ def test_every_kind_of_record_verifies(rig_factory: Callable[..., Rig]) -> None:
         timeout=60,
     )
     assert verify.returncode == 0 and "chain verified" in verify.stdout, verify.stderr
-    print(f"\nFIGURES record-kinds: kinds={len(outcomes)}, operations={state.op_count}, verified=True")
+    figures("record-kinds", kinds=len(outcomes), operations=state.op_count, verified=True)
 
 
 # -- finding 10: the write rate limit raced ------------------------------------------------------
@@ -157,7 +159,7 @@ rpc("signal_done", status="success", summary="raced")
 """
 
 
-def test_concurrent_writes_never_pass_the_limit(rig_factory: Callable[..., Rig]) -> None:
+def test_concurrent_writes_never_pass_the_limit(rig_factory: Callable[..., Rig], figures: Callable[..., None]) -> None:
     rig = rig_factory(scripts={"race": agent(CONCURRENT)}, writes_per_hour=5).start()
     issue = rig.open_issue(agent="race")
     state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1, timeout=120)
@@ -165,7 +167,7 @@ def test_concurrent_writes_never_pass_the_limit(rig_factory: Callable[..., Rig])
     comments = rig.forge.dev.issue(rig.forge.owner, rig.forge.repo, issue.number).comments
     posted = len([c for c in comments if "forgebottle:status" not in c.body])
     assert (seen["ok"], seen["limited"], posted) == (5, 35, 5)
-    print(f"\nFIGURES write-race: sent=40, limit=5, posted={posted}, rate_limited={seen['limited']}")
+    figures("write-race", sent=40, limit=5, posted=posted, rate_limited=seen["limited"])
 
 
 # -- finding 11: open_pr into any base ---------------------------------------------------------
@@ -180,7 +182,9 @@ rpc("signal_done", status="success", summary="bases")
 """
 
 
-def test_open_pr_goes_into_the_default_branch_only(rig_factory: Callable[..., Rig]) -> None:
+def test_open_pr_goes_into_the_default_branch_only(
+    rig_factory: Callable[..., Rig], figures: Callable[..., None]
+) -> None:
     rig = rig_factory(scripts={"bases": agent(OTHER_BASE)}).start()
     issue = rig.open_issue(agent="bases")
     state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1, timeout=60)
@@ -190,7 +194,7 @@ def test_open_pr_goes_into_the_default_branch_only(rig_factory: Callable[..., Ri
     assert "out of scope (base: main)" in seen["other"]["error"]["message"]
     pulls = [i for i in rig.forge.dev.repo(rig.forge.owner, rig.forge.repo).issues.values() if i.pull]
     assert [p.pull.base for p in pulls] == ["main"]  # type: ignore[union-attr]
-    print(f"\nFIGURES pr-base: refused_bases=1, prs_opened={len(pulls)}")
+    figures("pr-base", refused_bases=1, prs_opened=len(pulls))
 
 
 # -- finding 1, the sidecar's half: what an agent is told, and what it may write -------------------
@@ -206,7 +210,9 @@ rpc("signal_done", status="success", summary="tried")
 """
 
 
-def test_no_secret_reaches_or_leaves_through_the_sidecar(rig_factory: Callable[..., Rig]) -> None:
+def test_no_secret_reaches_or_leaves_through_the_sidecar(
+    rig_factory: Callable[..., Rig], figures: Callable[..., None]
+) -> None:
     # The agent holds a stolen token (given here by hand: what a past leak would have left it).
     # Its issue's body holds the token too (a human pasted it). Neither direction carries it.
     rig = rig_factory(scripts={"secrets": agent(WRITES_SECRETS)})
@@ -223,7 +229,9 @@ def test_no_secret_reaches_or_leaves_through_the_sidecar(rig_factory: Callable[.
     current = rig.forge.dev.issue(rig.forge.owner, rig.forge.repo, issue.number)
     agent_comments = [c for c in current.comments if "forgebottle:status" not in c.body]
     assert agent_comments == [] and forge_token in current.body  # nothing written
-    print("\nFIGURES sidecar-secrets: answers_redacted=1, writes_refused=3, forge_text_to_agent=0")
+    refused = sum(seen[key]["error"]["code"] == -32005 for key in ("comment", "describe", "encoded"))
+    leaked = sum(forge_token in json.dumps(answer) for answer in seen.values())
+    figures("sidecar-secrets", writes_refused=refused, agent_writes_posted=len(agent_comments), token_in_answers=leaked)
 
 
 # -- findings 3 and 4: outsiders destroying and launching bottles -------------------------------
@@ -249,7 +257,7 @@ def pr_event(rig: Rig, action: str, number: int, issue: int, *, sender: str, hea
     return post_webhook(rig.url, body, "pull_request", signature=sign(body))
 
 
-def test_an_outsiders_pr_is_never_linked_and_its_close_destroys_nothing(rig: Rig) -> None:
+def test_an_outsiders_pr_is_never_linked_and_its_close_destroys_nothing(rig: Rig, figures: Callable[..., None]) -> None:
     outsider = rig.forge.world.outsider.login
     slug = launch(rig, "turns")
     state = rig.store.by_slug(slug)
@@ -275,10 +283,16 @@ def test_an_outsiders_pr_is_never_linked_and_its_close_destroys_nothing(rig: Rig
     assert any(f"was opened by {outsider}, not by forgebottle" in r for r in reasons)
     assert sum("no live bottle for pull request" in r for r in reasons) == 3
     rig.go(slug, 1)
-    print("\nFIGURES outsider-prs: opened=3, linked=0, closed=3, destroyed=0")
+    figures(
+        "outsider-prs",
+        opened=len(attempts),
+        linked=int(after.pr_number is not None),
+        closed=len(attempts),
+        destroyed=int(not after.status.live),
+    )
 
 
-def test_an_outsider_reopening_a_closed_issue_launches_nothing(rig: Rig) -> None:
+def test_an_outsider_reopening_a_closed_issue_launches_nothing(rig: Rig, figures: Callable[..., None]) -> None:
     dev, world = rig.forge.dev, rig.forge.world
     owner, repo = rig.forge.owner, rig.forge.repo
     # The outsider's issue, labelled and assigned by a member: a legitimate first launch.
@@ -295,14 +309,15 @@ def test_an_outsider_reopening_a_closed_issue_launches_nothing(rig: Rig) -> None
     after = rig.bottle(issue.number)
     assert after is not None and after.slug == state.slug and after.status is BottleState.DESTROYED
     assert any(f"{world.outsider.login} is neither a member" in r for r in rig.event_reasons())
-    print("\nFIGURES outsider-reopen: reopened=1, launched=0")
+    runs = len(rig.store.runs(state.slug))
+    figures("outsider-reopen", reopened=1, runs_before=1, runs_after=runs, live=int(after.status.live))
 
 
 # -- finding 7: host-network agents read the read API ---------------------------------------------
 
 
 def test_serve_refuses_host_network_agents_without_a_read_api_token(
-    serve_factory: Callable[..., ServeProcess],
+    serve_factory: Callable[..., ServeProcess], figures: Callable[..., None]
 ) -> None:
     extra = '[agents.hostnet]\ncommand = ["/bin/true"]\nnetwork = "host"\n'
     serve = serve_factory(extra_toml=extra).start(wait=False)
@@ -317,17 +332,20 @@ def test_serve_refuses_host_network_agents_without_a_read_api_token(
         guarded.config.read_text().replace("[server]\n", f'[server]\napi_token_file = "{token_file}"\n')
     )
     guarded.start()
-    assert httpx.get(f"{guarded.url}/api/bottles", timeout=10).status_code == 401
+    unauthenticated = httpx.get(f"{guarded.url}/api/bottles", timeout=10).status_code
+    assert unauthenticated == 401
     answer = httpx.get(f"{guarded.url}/api/bottles", headers={"Authorization": "Bearer read-api-token-123456"})
     assert answer.status_code == 200
     assert guarded.stop() == 0
-    print("\nFIGURES host-network-read-api: refused_to_start=1, unauthenticated_reads=0")
+    figures("host-network-read-api", exit_without_token=serve.proc.returncode, unauthenticated_status=unauthenticated)
 
 
 # -- finding 8: idle connections took the service down ------------------------------------------
 
 
-def test_idle_connections_do_not_keep_a_webhook_out(serve_factory: Callable[..., ServeProcess]) -> None:
+def test_idle_connections_do_not_keep_a_webhook_out(
+    serve_factory: Callable[..., ServeProcess], figures: Callable[..., None]
+) -> None:
     # serve starts with systemd's default soft limit of 1,024 descriptors; 1,100 connections
     # that never send a byte are open when Gitea delivers a signed webhook (5 s to answer).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -358,7 +376,7 @@ def test_idle_connections_do_not_keep_a_webhook_out(serve_factory: Callable[...,
         for sock in idle:
             sock.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    print(f"\nFIGURES idle-connections: idle=1100, webhook_seconds={took:.2f}, closed_by_deadline={closed + 1}")
+    figures("idle-connections", idle=1100, webhook_seconds=round(took, 2), closed_by_deadline=closed + 1)
 
 
 # -- finding 1's last part: failed pushes count against the write limit --------------------------
@@ -371,10 +389,12 @@ rpc("signal_done", status="failure", summary="nothing to push")
 """
 
 
-def test_failed_pushes_count_against_the_write_limit(rig_factory: Callable[..., Rig]) -> None:
+def test_failed_pushes_count_against_the_write_limit(
+    rig_factory: Callable[..., Rig], figures: Callable[..., None]
+) -> None:
     rig = rig_factory(scripts={"probe": agent(FAILING_PUSHES)}, writes_per_hour=2).start()
     issue = rig.open_issue(agent="probe")
     state = rig.wait_state(issue.number, BottleState.FROZEN, runs=1, timeout=60)
     codes = result(rig, state.slug)["codes"]
     assert codes == [-32002, -32002, -32003, -32003], codes
-    print(f"\nFIGURES failed-pushes: tried=4, failed=2, rate_limited={codes.count(-32003)}")
+    figures("failed-pushes", tried=4, failed=2, rate_limited=codes.count(-32003))

@@ -54,15 +54,6 @@ def clients() -> Iterator[Callable[..., httpx.Client]]:
         client.close()
 
 
-@pytest.fixture
-def figures(capsys: pytest.CaptureFixture[str]) -> Callable[..., None]:
-    def report(name: str, **counts: Any) -> None:
-        with capsys.disabled():
-            print(f"\nFIGURES {name}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-
-    return report
-
-
 # -- crash safety ---------------------------------------------------------------------------
 
 

@@ -41,7 +41,7 @@ def browse(url: str, profile: Path, *, screenshot: Path | None = None) -> str:
     return dom.stdout
 
 
-def test_the_status_pages_render_in_a_browser(rig: Rig, tmp_path: Path) -> None:
+def test_the_status_pages_render_in_a_browser(rig: Rig, tmp_path: Path, figures: Callable[..., None]) -> None:
     issue, state = rig.run_once()
     outsider_issue = rig.open_issue(assignee=rig.forge.world.outsider.login)
     rig.wait_events_done()
@@ -57,7 +57,7 @@ def test_the_status_pages_render_in_a_browser(rig: Rig, tmp_path: Path) -> None:
     assert f"posted comment to #{issue.number}" in page and "Chain verified" in page
     assert "launch" in page and "done" in page  # transitions
     assert '"html_url"' in page or "html_url" in page  # the run log's tail (the agent's forge output)
-    print(f"\nFIGURES status-page: screenshots={tmp_path / 'index.png'},{tmp_path / 'bottle.png'}")
+    figures("status-page", index=tmp_path / "index.png", bottle=tmp_path / "bottle.png")
 
 
 def test_the_pages_escape_what_agents_and_users_write(rig_factory: Callable[..., Rig]) -> None:

@@ -127,15 +127,6 @@ def gates() -> Iterator[Callable[..., Gate]]:
         gate.stop()
 
 
-@pytest.fixture
-def figures(capsys: pytest.CaptureFixture[str]) -> Callable[..., None]:
-    def report(name: str, **counts: Any) -> None:
-        with capsys.disabled():
-            print(f"\nFIGURES {name}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-
-    return report
-
-
 GIT_WORDS = ("fatal", "error:", "upload-pack", "not our ref", "remote error", "gitdir", "bundle.git")
 
 
