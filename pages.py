@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
 
+from provenance import run_outcome
 from store import ForgeState
 
 STYLE = """
@@ -132,14 +133,3 @@ def bottle_page(doc: Mapping[str, Any], log_tail: str) -> str:
         f"</table><h2>Log of the latest run</h2><pre>{escape(log_tail) or '(empty)'}</pre>"
     )
     return _page(f"forgebottle: {doc['slug']}", body)
-
-
-def run_outcome(run: Mapping[str, Any]) -> str:
-    signalled = run.get("signalled") or {}
-    if signalled:
-        return f"{signalled['status']}: {signalled.get('summary', '')[:200]}"
-    if run.get("watchdog_fired"):
-        return "stopped by the watchdog"
-    if run.get("error"):
-        return str(run["error"])[:200]
-    return "-" if run.get("ended_at") is None else f"exited {run.get('exit_code')} without signalling"

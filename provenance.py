@@ -137,6 +137,18 @@ def provenance(store: Store, slug: str, *, api_url: str = "", org: str = "") -> 
     }
 
 
+def run_outcome(run: Mapping[str, Any]) -> str:
+    """How a run of the record ended, in a few words (the summary, the status pages)."""
+    signalled = run.get("signalled") or {}
+    if signalled:
+        return f"signalled {signalled['status']}: {signalled.get('summary', '')[:200]}"
+    if run.get("watchdog_fired"):
+        return "stopped by the watchdog"
+    if run.get("error"):
+        return str(run["error"])[:200]
+    return "running" if run.get("ended_at") is None else f"exited {run.get('exit_code')} without signalling"
+
+
 def summary(doc: dict[str, Any]) -> str:
     """The record for a person: the bottle, each run, the operations and transitions, the chain."""
     forge = doc["forge"]
@@ -146,14 +158,7 @@ def summary(doc: dict[str, Any]) -> str:
         + (f"; pull request {forge['pr_url'] or '#' + str(forge['pr'])}" if forge["pr"] else ""),
     ]
     for run in doc["runs"]:
-        signalled = run["signalled"] or {}
-        outcome = (
-            f"signalled {signalled['status']}: {signalled.get('summary', '')[:120]}"
-            if signalled
-            else "watchdog stopped it"
-            if run["watchdog_fired"]
-            else run.get("error") or f"exited {run['exit_code']} without signalling"
-        )
+        outcome = run_outcome(run)
         scan = run["secret_scan"]["findings"]
         lines.append(
             f"  run {run['n']} ({run['trigger']}, {run['started_at']} .. {run['ended_at'] or 'running'}): {outcome}"

@@ -29,8 +29,8 @@ import metrics as m
 from bottles import BottlePaths
 from config import VERSION as __version__
 from config import Config, Secret, redact
-from pages import bottle_page, index_page, run_outcome
-from provenance import bottle_views, provenance, run_view
+from pages import bottle_page, index_page
+from provenance import bottle_views, provenance, run_outcome, run_view
 from rules import triage
 from service import Service
 from serving import BodyTooSlow, UnixServer, read_bounded
