@@ -182,6 +182,14 @@ MIGRATIONS: list[str] = [
 ]
 
 
+# Tokens read and written by model calls, as the gateway recorded them.
+_TOKENS = (
+    "COALESCE(SUM(json_extract(data, '$.usage.input_tokens')), 0) "
+    "+ COALESCE(SUM(json_extract(data, '$.usage.output_tokens')), 0)"
+)
+_MODEL_CALLS = "op = 'model' AND data IS NOT NULL"
+
+
 class StoreError(ForgeBottleError):
     pass
 
@@ -644,21 +652,12 @@ class _Runs(_Database):
 
     def model_tokens_by_bottle(self) -> dict[str, int]:
         """Tokens (read and written) each bottle's model calls used, over all its runs."""
-        rows = self._query(
-            "SELECT slug, COALESCE(SUM(json_extract(data, '$.usage.input_tokens')), 0) "
-            "+ COALESCE(SUM(json_extract(data, '$.usage.output_tokens')), 0) AS n "
-            "FROM operations WHERE op = 'model' AND data IS NOT NULL GROUP BY slug"
-        )
+        rows = self._query(f"SELECT slug, {_TOKENS} AS n FROM operations WHERE {_MODEL_CALLS} GROUP BY slug")
         return {r["slug"]: int(r["n"]) for r in rows}
 
     def model_tokens(self, slug: str) -> int:
         """Tokens (read and written) the bottle's model calls used, over all its runs."""
-        rows = self._query(
-            "SELECT COALESCE(SUM(json_extract(data, '$.usage.input_tokens')), 0) "
-            "+ COALESCE(SUM(json_extract(data, '$.usage.output_tokens')), 0) AS n "
-            "FROM operations WHERE slug = ? AND op = 'model' AND data IS NOT NULL",
-            (slug,),
-        )
+        rows = self._query(f"SELECT {_TOKENS} AS n FROM operations WHERE slug = ? AND {_MODEL_CALLS}", (slug,))
         return int(rows[0]["n"])
 
     # -- pending prompts -----------------------------------------------------------
